@@ -1,0 +1,280 @@
+"""HAST name/value lists (FreeBSD sbin/hastd/nv.c), the encoding of metadata and wire headers.
+
+An nv list is a sequence of elements, each::
+
+    type:uint8  namesize:uint8  dsize:uint32le  name\\0 (padded to 8)  data (padded to 8)
+
+All integers are little-endian on disk and on the wire, whatever hastd's comments call them. A zero
+byte where a type is expected ends the list, so zero padding after the last element is allowed
+(the 4096-byte metadata block relies on that). Lookup returns the first element with the name.
+
+Pure: bytes in, values out. The only exception raised for bad input is NvError.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from hastpy.errors import NvError
+
+# Bit 0x80 of the type byte marks "host order" in hastd's memory; on the wire it is 0. Decoding
+# masks it off: on the little-endian hosts we run on both orders are the same bytes.
+_ORDER_MASK = 0x80
+_HEADER = struct.Struct("<BBI")
+_ALIGN = 8
+MAX_NAME_LEN = 254  # namesize is a uint8 that counts the terminating NUL
+
+
+class NvType(enum.IntEnum):
+    INT8 = 1
+    UINT8 = 2
+    INT16 = 3
+    UINT16 = 4
+    INT32 = 5
+    UINT32 = 6
+    INT64 = 7
+    UINT64 = 8
+    INT8_ARRAY = 9
+    UINT8_ARRAY = 10
+    INT16_ARRAY = 11
+    UINT16_ARRAY = 12
+    INT32_ARRAY = 13
+    UINT32_ARRAY = 14
+    INT64_ARRAY = 15
+    UINT64_ARRAY = 16
+    STRING = 17
+
+
+# struct format letter of each scalar type and of each array's element.
+_SCALAR_FMT = {
+    NvType.INT8: "b",
+    NvType.UINT8: "B",
+    NvType.INT16: "h",
+    NvType.UINT16: "H",
+    NvType.INT32: "i",
+    NvType.UINT32: "I",
+    NvType.INT64: "q",
+    NvType.UINT64: "Q",
+}
+_ARRAY_OF = {NvType(t + 8): t for t in _SCALAR_FMT}  # array type -> element type
+_STRUCTS = {t: struct.Struct("<" + f) for t, f in _SCALAR_FMT.items()}
+
+
+def _pad(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class NvField:
+    name: str
+    type: NvType
+    # int for scalars, str for STRING, bytes for UINT8_ARRAY, tuple[int, ...] for other arrays.
+    value: object
+
+
+class NvList:
+    """An ordered nv list. Duplicate names are kept; lookups see the first."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: list[NvField] | None = None):
+        self._fields: list[NvField] = list(fields or ())
+
+    def __iter__(self) -> Iterator[NvField]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NvList) and self._fields == other._fields
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f.name}:{f.type.name.lower()}={f.value!r}" for f in self._fields)
+        return f"NvList({inner})"
+
+    # -- building ---------------------------------------------------------------------------
+
+    def add(self, name: str, typ: NvType, value: object) -> NvList:
+        """Append a field after checking it can be encoded; returns self for chaining."""
+        _check_name(name)
+        self._fields.append(NvField(name, NvType(typ), _checked_value(NvType(typ), value)))
+        return self
+
+    def add_uint8(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.UINT8, value)
+
+    def add_int8(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.INT8, value)
+
+    def add_int16(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.INT16, value)
+
+    def add_int32(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.INT32, value)
+
+    def add_uint32(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.UINT32, value)
+
+    def add_int64(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.INT64, value)
+
+    def add_uint64(self, name: str, value: int) -> NvList:
+        return self.add(name, NvType.UINT64, value)
+
+    def add_string(self, name: str, value: str) -> NvList:
+        return self.add(name, NvType.STRING, value)
+
+    def add_bytes(self, name: str, value: bytes) -> NvList:
+        return self.add(name, NvType.UINT8_ARRAY, value)
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def find(self, name: str) -> NvField | None:
+        for f in self._fields:
+            if f.name == name:
+                return f
+        return None
+
+    def exists(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def get(self, name: str, typ: NvType, default: object = None) -> object:
+        """The first field called name. A field of another type is an error, as in nv.c."""
+        f = self.find(name)
+        if f is None:
+            return default
+        if f.type != typ:
+            raise NvError(f"field {name!r} is {f.type.name.lower()}, expected {NvType(typ).name.lower()}")
+        return f.value
+
+    def get_int(self, name: str, typ: NvType, default: int = 0) -> int:
+        return self.get(name, typ, default)  # type: ignore[return-value]
+
+    def get_string(self, name: str, default: str | None = None) -> str | None:
+        return self.get(name, NvType.STRING, default)  # type: ignore[return-value]
+
+    def get_bytes(self, name: str, default: bytes | None = None) -> bytes | None:
+        return self.get(name, NvType.UINT8_ARRAY, default)  # type: ignore[return-value]
+
+    # -- codec ------------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        return b"".join(_encode_field(f) for f in self._fields)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> NvList:
+        """Parse an nv list; a zero type byte or the end of data ends it."""
+        buf = memoryview(data).cast("B")
+        fields: list[NvField] = []
+        pos = 0
+        end = len(buf)
+        while pos < end and buf[pos] != 0:
+            if end - pos < _HEADER.size:
+                raise NvError(f"truncated element header at byte {pos}")
+            rawtype, namesize, dsize = _HEADER.unpack_from(buf, pos)
+            typ = _decode_type(rawtype, pos)
+            name_start = pos + _HEADER.size
+            data_start = name_start + _pad(namesize)
+            elem_end = data_start + _pad(dsize)
+            if namesize == 0 or elem_end > end:
+                raise NvError(f"element at byte {pos} overruns the list")
+            name = _decode_name(bytes(buf[name_start : name_start + namesize]), pos)
+            raw = bytes(buf[data_start : data_start + dsize])
+            fields.append(NvField(name, typ, _decode_value(typ, raw, name)))
+            pos = elem_end
+        return cls(fields)
+
+
+def _decode_type(rawtype: int, pos: int) -> NvType:
+    try:
+        return NvType(rawtype & ~_ORDER_MASK)
+    except ValueError:
+        raise NvError(f"unknown nv type {rawtype & ~_ORDER_MASK} at byte {pos}") from None
+
+
+def _decode_name(raw: bytes, pos: int) -> str:
+    # namesize must be exactly strlen(name) + 1.
+    if raw[-1] != 0 or 0 in raw[:-1] or len(raw) == 1:
+        raise NvError(f"malformed name at byte {pos}")
+    return raw[:-1].decode("utf-8", "surrogateescape")
+
+
+def _decode_value(typ: NvType, raw: bytes, name: str) -> object:
+    if not raw:
+        raise NvError(f"field {name!r} has no data")
+    if typ == NvType.STRING:
+        if raw[-1] != 0 or 0 in raw[:-1]:
+            raise NvError(f"field {name!r} is not a NUL-terminated string")
+        return raw[:-1].decode("utf-8", "surrogateescape")
+    if typ in _STRUCTS:
+        st = _STRUCTS[typ]
+        if len(raw) != st.size:
+            raise NvError(f"field {name!r}: {typ.name.lower()} of {len(raw)} bytes")
+        return st.unpack(raw)[0]
+    if typ == NvType.UINT8_ARRAY:
+        return raw
+    elem = _STRUCTS[_ARRAY_OF[typ]]
+    if len(raw) % elem.size:
+        raise NvError(f"field {name!r}: array of {len(raw)} bytes is not a multiple of {elem.size}")
+    return tuple(v for (v,) in elem.iter_unpack(raw))
+
+
+def _check_name(name: str) -> None:
+    raw = name.encode("utf-8", "surrogateescape")
+    if not raw or b"\0" in raw or len(raw) > MAX_NAME_LEN:
+        raise NvError(f"invalid nv name {name!r}")
+
+
+def _checked_value(typ: NvType, value: object) -> object:
+    """Return value in canonical form or raise NvError; nothing unencodable enters a list."""
+    if typ == NvType.STRING:
+        if not isinstance(value, str) or "\0" in value:
+            raise NvError(f"string value must be a str without NUL, not {value!r}")
+        return value
+    if typ == NvType.UINT8_ARRAY:
+        if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) == 0:
+            raise NvError("uint8 array value must be non-empty bytes")
+        return bytes(value)
+    if typ in _STRUCTS:
+        _pack_checked(_STRUCTS[typ], value, typ)
+        return value
+    elem_type = _ARRAY_OF[typ]
+    values = tuple(value)  # type: ignore[call-overload]
+    if not values:
+        raise NvError("array value must not be empty")
+    for v in values:
+        _pack_checked(_STRUCTS[elem_type], v, elem_type)
+    return values
+
+
+def _pack_checked(st: struct.Struct, value: object, typ: NvType) -> bytes:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise NvError(f"{typ.name.lower()} value must be an int, not {value!r}")
+    try:
+        return st.pack(value)
+    except struct.error:
+        raise NvError(f"{value} does not fit in {typ.name.lower()}") from None
+
+
+def _encode_field(f: NvField) -> bytes:
+    name = f.name.encode("utf-8", "surrogateescape") + b"\0"
+    if f.type == NvType.STRING:
+        data = f.value.encode("utf-8", "surrogateescape") + b"\0"  # type: ignore[union-attr]
+    elif f.type == NvType.UINT8_ARRAY:
+        data = f.value  # type: ignore[assignment]
+    elif f.type in _STRUCTS:
+        data = _STRUCTS[f.type].pack(f.value)
+    else:
+        elem = _STRUCTS[_ARRAY_OF[f.type]]
+        data = b"".join(elem.pack(v) for v in f.value)  # type: ignore[union-attr]
+    return b"".join(
+        (
+            _HEADER.pack(int(f.type), len(name), len(data)),
+            name.ljust(_pad(len(name)), b"\0"),
+            data.ljust(_pad(len(data)), b"\0"),  # type: ignore[union-attr]
+        )
+    )

@@ -1,0 +1,212 @@
+"""nv codec: exact bytes, validation, and "never raises anything but NvError"."""
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hastpy.errors import NvError
+from hastpy.nv import NvList, NvType
+
+# The keepalive request of reference §5: nv {cmd:uint8=5}, after the 5-byte frame header.
+KEEPALIVE_NV = bytes.fromhex("02 04 01000000 636d6400 00000000 05 00000000000000")
+
+
+def test_keepalive_exact_bytes():
+    assert NvList().add_uint8("cmd", 5).encode() == KEEPALIVE_NV
+    assert len(KEEPALIVE_NV) == 22
+
+
+def test_keepalive_decodes():
+    nv = NvList.decode(KEEPALIVE_NV)
+    assert nv.get_int("cmd", NvType.UINT8) == 5
+
+
+@pytest.mark.parametrize(
+    "typ,value,data",
+    [
+        (NvType.INT8, -2, b"\xfe"),
+        (NvType.UINT8, 200, b"\xc8"),
+        (NvType.INT16, -2, b"\xfe\xff"),
+        (NvType.UINT16, 0x1234, b"\x34\x12"),
+        (NvType.INT32, -1, b"\xff" * 4),
+        (NvType.UINT32, 0x01020304, b"\x04\x03\x02\x01"),
+        (NvType.INT64, -3, struct.pack("<q", -3)),
+        (NvType.UINT64, 107374171648, struct.pack("<Q", 107374171648)),
+        (NvType.UINT8_ARRAY, bytes(range(16)), bytes(range(16))),
+        (NvType.UINT32_ARRAY, (1, 2, 3), struct.pack("<3I", 1, 2, 3)),
+        (NvType.INT16_ARRAY, (-1,), b"\xff\xff"),
+        (NvType.STRING, "data", b"data\0"),
+    ],
+)
+def test_scalar_and_array_layout(typ, value, data):
+    raw = NvList().add("resource", typ, value).encode()
+    pad = (-len(data)) % 8
+    assert raw == struct.pack("<BBI", typ, 9, len(data)) + b"resource\0" + b"\0" * 7 + data + b"\0" * pad
+    assert NvList.decode(raw).get("resource", typ) == value
+
+
+def test_metadata_header_layout_pinned():
+    nv = (
+        NvList()
+        .add_string("resource", "data")
+        .add_uint64("datasize", 104722432)
+        .add_uint32("extentsize", 2097152)
+        .add_uint32("keepdirty", 64)
+        .add_uint64("offset", 4608)
+        .add_uint64("resuid", 0)
+        .add_uint64("localcnt", 0)
+        .add_uint64("remotecnt", 0)
+        .add_string("prevrole", "init")
+    )
+    raw = nv.encode()
+    assert raw[:30] == bytes.fromhex("11 09 05000000") + b"resource\0" + b"\0" * 7 + b"data\0\0\0\0"
+    assert raw[30:44] == bytes.fromhex("08 09 08000000") + b"datasize"
+    # 9 headers of 6 bytes; names padded to 16 except offset/resuid (8); every value pads to 8.
+    assert len(raw) == 9 * 6 + (7 * 16 + 2 * 8) + 9 * 8
+    # Zero padding after the list (the metadata block is 4096 bytes) is the end, not an error.
+    assert NvList.decode(raw + bytes(4096 - len(raw))) == nv
+
+
+def test_first_match_wins_and_missing_default():
+    nv = NvList().add_uint8("x", 1).add_uint8("x", 2)
+    assert nv.get("x", NvType.UINT8) == 1
+    assert nv.get("y", NvType.UINT8) is None
+    assert nv.get_int("y", NvType.UINT64) == 0
+    assert nv.exists("x") and not nv.exists("y")
+    assert len(nv) == 2 and [f.value for f in nv] == [1, 2]
+    assert "x:uint8=1" in repr(nv)
+
+
+def test_type_mismatch_is_error():
+    nv = NvList().add_uint8("cmd", 1)
+    with pytest.raises(NvError, match="uint8, expected uint64"):
+        nv.get("cmd", NvType.UINT64)
+
+
+def test_host_order_bit_is_masked():
+    raw = bytearray(KEEPALIVE_NV)
+    raw[0] |= 0x80
+    assert NvList.decode(bytes(raw)).get("cmd", NvType.UINT8) == 5
+
+
+@pytest.mark.parametrize(
+    "typ,value",
+    [
+        (NvType.UINT8, 256),
+        (NvType.INT8, -129),
+        (NvType.UINT64, -1),
+        (NvType.UINT32, "1"),
+        (NvType.UINT8, True),
+        (NvType.STRING, "a\0b"),
+        (NvType.STRING, 3),
+        (NvType.UINT8_ARRAY, b""),
+        (NvType.UINT8_ARRAY, "abc"),
+        (NvType.UINT16_ARRAY, ()),
+        (NvType.UINT16_ARRAY, (1, 70000)),
+    ],
+)
+def test_unencodable_values_rejected(typ, value):
+    with pytest.raises(NvError):
+        NvList().add("n", typ, value)
+
+
+@pytest.mark.parametrize("name", ["", "a\0b", "x" * 255])
+def test_bad_names_rejected(name):
+    with pytest.raises(NvError):
+        NvList().add_uint8(name, 1)
+
+
+def _elem(typ, name, data, namesize=None, dsize=None):
+    n = name + b"\0"
+    ns = len(n) if namesize is None else namesize
+    ds = len(data) if dsize is None else dsize
+    return struct.pack("<BBI", typ, ns, ds) + n.ljust((len(n) + 7) & ~7, b"\0") + data.ljust((len(data) + 7) & ~7, b"\0")
+
+
+@pytest.mark.parametrize(
+    "raw,why",
+    [
+        (b"\x02\x04\x01", "truncated element header"),
+        (_elem(99, b"x", b"\1"), "unknown nv type 99"),
+        (_elem(2, b"cmd", b"\5")[:-1], "overruns"),
+        (_elem(2, b"cmd", b"\5", namesize=0), "overruns"),
+        (_elem(2, b"cmd", b"\5", namesize=3), "malformed name"),
+        (_elem(2, b"", b"\5"), "malformed name"),
+        (_elem(2, b"cmd", b"", dsize=0), "no data"),
+        (_elem(2, b"cmd", b"\5\5"), "uint8 of 2 bytes"),
+        (_elem(17, b"s", b"abc"), "NUL-terminated"),
+        (_elem(17, b"s", b"a\0c\0"), "NUL-terminated"),
+        (_elem(12, b"a", b"\1\2\3"), "not a multiple of 2"),
+    ],
+)
+def test_invalid_encodings(raw, why):
+    with pytest.raises(NvError, match=why):
+        NvList.decode(raw)
+
+
+def test_arrays_decode_as_tuples():
+    raw = _elem(16, b"a", struct.pack("<2Q", 1, 2**64 - 1))
+    assert NvList.decode(raw).get("a", NvType.UINT64_ARRAY) == (1, 2**64 - 1)
+
+
+_names = st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=20).filter(
+    lambda s: len(s.encode()) <= 254
+)
+_ranges = {
+    NvType.INT8: (-(2**7), 2**7 - 1),
+    NvType.UINT8: (0, 2**8 - 1),
+    NvType.INT16: (-(2**15), 2**15 - 1),
+    NvType.UINT16: (0, 2**16 - 1),
+    NvType.INT32: (-(2**31), 2**31 - 1),
+    NvType.UINT32: (0, 2**32 - 1),
+    NvType.INT64: (-(2**63), 2**63 - 1),
+    NvType.UINT64: (0, 2**64 - 1),
+}
+
+
+@st.composite
+def _fields(draw):
+    typ = draw(st.sampled_from(list(NvType)))
+    if typ == NvType.STRING:
+        value = draw(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=30))
+    elif typ == NvType.UINT8_ARRAY:
+        value = draw(st.binary(min_size=1, max_size=40))
+    elif typ in _ranges:
+        value = draw(st.integers(*_ranges[typ]))
+    else:
+        lo, hi = _ranges[NvType(typ - 8)]
+        value = tuple(draw(st.lists(st.integers(lo, hi), min_size=1, max_size=6)))
+    return draw(_names), typ, value
+
+
+@given(st.lists(_fields(), max_size=8))
+def test_roundtrip(fields):
+    nv = NvList()
+    for name, typ, value in fields:
+        nv.add(name, typ, value)
+    raw = nv.encode()
+    assert len(raw) % 8 == (6 * len(fields)) % 8
+    assert NvList.decode(raw) == nv
+
+
+@given(st.binary(max_size=200))
+def test_decode_random_bytes_only_raises_nverror(data):
+    try:
+        NvList.decode(data)
+    except NvError:
+        pass
+
+
+@given(st.lists(_fields(), min_size=1, max_size=4), st.integers(0, 10_000), st.integers(0, 255))
+def test_decode_mutated_lists_only_raises_nverror(fields, where, byte):
+    nv = NvList()
+    for name, typ, value in fields:
+        nv.add(name, typ, value)
+    raw = bytearray(nv.encode())
+    raw[where % len(raw)] = byte
+    try:
+        NvList.decode(bytes(raw))
+    except NvError:
+        pass
