@@ -40,3 +40,30 @@ ROLE_PRIMARY = 2
 ROLE_SECONDARY = 3
 ROLE_NAMES = {ROLE_INIT: "init", ROLE_PRIMARY: "primary", ROLE_SECONDARY: "secondary"}
 ROLE_NUMBERS = {name: num for num, name in ROLE_NAMES.items()}
+
+# config
+# Value vocabularies of hast.conf(5); hastpy's own `attach` modes are in DESIGN.md §2.
+REPLICATION_MODES = ("fullsync", "memsync", "async")
+CHECKSUM_ALGORITHMS = ("none", "crc32", "sha256")
+COMPRESSION_ALGORITHMS = ("none", "hole", "lzf")
+ATTACH_MODES = ("auto", "kernel", "fuse", "none")
+REMOTE_NONE = "none"  # `remote none`: never connect and never accept a connection
+DEFAULT_ATTACH = "auto"
+DEFAULT_DEVDIR = "/dev/hast"
+DEFAULT_HOOK_TIMEOUT = 60  # seconds a hook may run before hastpy gives up waiting for it
+MAX_PATH_LEN = 1024  # FreeBSD PATH_MAX: hastd copies paths into PATH_MAX buffers; keep files portable
+MAX_HOST_LEN = 255  # MAXHOSTNAMELEN (256) less the NUL: hastd's tcp_addr() buffer for host or IP
+MAX_UDS_PATH_LEN = 107  # Linux sockaddr_un.sun_path is 108 bytes including the NUL
+MAX_PORT = 65535  # TCP ports are 16 bits; port 0 cannot be written, only defaulted (source)
+MAX_TIMEOUT = 2**31 - 1  # hastd keeps timeouts in a C int; also far below threading.TIMEOUT_MAX
+MACHINE_ID_PATH = "/etc/machine-id"  # systemd's host identity, our stand-in for kern.hostuuid
+
+# proto
+# Wire protocol versions (hast.h HAST_PROTO_VERSION; hastpy/proto/messages.py has the history).
+HAST_PROTO_VERSION = 2  # the newest version FreeBSD hastd speaks
+PROTO_VERSION = 3  # ours: 2 plus negotiated maxio; only ever framed to peers that negotiated 3
+TOKEN_SIZE = 16  # HAST_TOKEN_SIZE: random bytes tying a resource's two connections together
+# Synchronization source reported by the secondary in the handshake (hast.h HAST_SYNCSRC_*).
+SYNCSRC_UNDEF = 0
+SYNCSRC_PRIMARY = 1
+SYNCSRC_SECONDARY = 2

@@ -1,0 +1,3 @@
+from hastpy.cli.hastd import main
+
+main()

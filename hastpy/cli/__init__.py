@@ -1,0 +1,1 @@
+"""Command-line entry points (click): thin layers that parse, call the library and render."""

@@ -1,0 +1,52 @@
+"""Options shared by hastd and hastctl, each defined once, and the error-to-exit-code wrapper."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from hastpy import config as cfgmod
+from hastpy import constants as const
+from hastpy.errors import HastError
+
+config_option = click.option(
+    "-c", "--config", "config_path", default=const.DEFAULT_CONFIG, show_default=True,
+    type=click.Path(dir_okay=False), help="Configuration file.",
+)  # fmt: skip
+node_option = click.option(
+    "-n", "--node", default=None, metavar="NAME",
+    help="Act as this node (default: hostname, short hostname, then /etc/machine-id).",
+)  # fmt: skip
+debug_option = click.option("-d", "--debug", count=True, help="More logging; repeatable.")
+
+
+def node_names(node: str | None) -> tuple[str, ...] | None:
+    return (node,) if node else None
+
+
+def load_config(config_path: str, node: str | None) -> cfgmod.Config:
+    return cfgmod.load(config_path, node_names(node))
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"{os.path.basename(sys.argv[0]) or 'hast'}: {message}", err=True)
+    sys.exit(code)
+
+
+def reports_errors(fn):
+    """Turn HastError into one line on stderr and its sysexits code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HastError as exc:
+            fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}", os.EX_OSERR)
+
+    return wrapper

@@ -1,0 +1,617 @@
+"""hastd's parent process: config, control socket, replication listener, hooks, one worker per role.
+
+Everything that changes state runs on the main loop's thread: role changes, worker start and stop,
+hand-off of accepted connections, hooks, reload. Helper threads only read a first message (a
+hastctl request, a peer's handshake frame) with a timeout and post it to the loop through
+`_post`, so a slow or hostile client never stalls the loop and no thread but the loop forks.
+Signals are consumed synchronously: handlers do nothing, the wakeup fd carries their numbers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import logging
+import os
+import queue
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from hastpy import config as cfgmod
+from hastpy import constants as const
+from hastpy import control
+from hastpy.errors import ConfigError, ControlError, HastError, NvError, ProtocolError
+from hastpy.hooks import HookRunner
+from hastpy.proto import messages as msg
+from hastpy.transport import listen, peer_host, recv_one, send_frame, tune
+
+log = logging.getLogger("hastd")
+
+HANDSHAKE_TIMEOUT = 20.0  # hastd's accept timeout: a peer gets this long to send its first frame
+WORKER_STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL after this long
+WORKER_RESTART_DELAY = 1.0  # hastd restarts a primary worker that crashed after 1 s
+STATUS_TIMEOUT = 5.0  # a worker that does not answer a status request in this long is reported busy
+LOOP_TICK = 0.2  # hooks are polled and restarts fired at least this often
+CONTROL_READ_TIMEOUT = 5.0
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    sock: socket.socket  # supervisor's end of the channel
+    reader: control.LineReader
+    role: str
+    started: float
+    ready: bool = False
+
+
+@dataclass
+class ResState:
+    res: cfgmod.Resource
+    role: str = "init"
+    worker: Worker | None = None
+    token: bytes | None = None  # issued to the primary's first connection, awaiting the second
+    pending_out: socket.socket | None = None  # that first connection (requests will arrive on it)
+    pending_version: int = 0
+    pending_maxio: int | None = None  # the primary's maxio from its hello (v3), if it sent one
+    restart_at: float | None = None  # a crashed primary worker restarts at this time
+    events: list = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config_path: str, node_names: tuple[str, ...] | None, debug: int = 0):
+        self.config_path = config_path
+        self.node_names = node_names
+        self.debug = debug
+        self.cfg = cfgmod.load(config_path, node_names)
+        self.resources: dict[str, ResState] = {r.name: ResState(r) for r in self.cfg.resources}
+        self.sel = selectors.DefaultSelector()
+        self.hooks = HookRunner()
+        self._posted: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.control_sock: socket.socket | None = None
+        self.control_path = ""
+        self.listeners: list[socket.socket] = []
+        self.running = True
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def open_control(self) -> None:
+        path = cfgmod.parse_control_address(self.cfg.control)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+                raise HastError(f"another hastd is serving {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)
+            finally:
+                probe.close()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the control socket is created mode 0600: root only
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        self.control_sock, self.control_path = sock, path
+        self.sel.register(sock, selectors.EVENT_READ, ("control", None))
+
+    def open_listeners(self) -> None:
+        explicit = tuple(self.cfg.listen) != const.DEFAULT_LISTEN
+        for addr in self.cfg.listen:
+            try:
+                sock = listen(addr)
+            except OSError as exc:
+                if explicit:
+                    raise HastError(f"Unable to listen on {addr}: {exc}") from None
+                log.debug("Not listening on %s: %s", addr, exc)  # e.g. no IPv6 in this kernel
+                continue
+            self.listeners.append(sock)
+            self.sel.register(sock, selectors.EVENT_READ, ("listen", None))
+            log.info("Listening on %s.", addr)
+
+    def setup_signals(self) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        self.sel.register(self._sig_r, selectors.EVENT_READ, ("signal", None))
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    # -- posting work to the loop ---------------------------------------------------------------
+
+    def _post(self, fn, *args) -> None:
+        self._posted.put((fn, args))
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _call_in_loop(self, fn, *args, timeout: float = 60.0):
+        done = threading.Event()
+        box = {}
+
+        def run():
+            try:
+                box["result"] = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller's thread
+                box["error"] = exc
+            done.set()
+
+        self._post(run)
+        if not done.wait(timeout):
+            raise ControlError("hastd is busy: request timed out")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.setup_signals()
+        while self.running:
+            for key, _ in self.sel.select(LOOP_TICK):
+                kind, obj = key.data
+                if kind == "control":
+                    self._accept_control()
+                elif kind == "listen":
+                    self._accept_peer(key.fileobj)
+                elif kind == "worker":
+                    self._worker_readable(obj)
+                elif kind == "signal":
+                    self._signals()
+                elif kind == "wake":
+                    self._drain_posted()
+            self.hooks.poll()
+            self._restart_due()
+        self.shutdown()
+        return 0
+
+    def _drain_posted(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fn, args = self._posted.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one bad request must not end the daemon
+                log.exception("Internal error handling a request")
+
+    def _signals(self) -> None:
+        try:
+            data = os.read(self._sig_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("Termination signal received, exiting.")
+                self.running = False
+            elif signum == signal.SIGCHLD:
+                self._reap()
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def nbd_path(self, name: str) -> str:
+        return os.path.join(os.path.dirname(self.control_path) or ".", f"hastd-{name}.nbd")
+
+    def spawn(self, rs: ResState, role: str, fds: dict[str, int], extra: dict) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pass_fds = [child.fileno(), *fds.values()]
+        # The title hastd's failover scripts look for ("hastd: <res> (<role>)") is the last
+        # argument, so `pgrep -f` finds it; argv[0] must stay the interpreter for venvs to work.
+        title = f"hastd: {rs.res.name} ({role})"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hastpy.worker", str(child.fileno()), title],
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        spec = {"role": role, "resource": asdict(rs.res), "fds": fds, "debug": self.debug, **extra}
+        control.send(parent, spec)
+        rs.worker = Worker(proc, parent, control.LineReader(parent), role, time.monotonic())
+        self.sel.register(parent, selectors.EVENT_READ, ("worker", rs))
+        log.info("[%s] Worker started (pid=%d, %s).", rs.res.name, proc.pid, role)
+
+    def start_primary(self, rs: ResState) -> None:
+        path = self.nbd_path(rs.res.name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(8)
+        try:
+            self.spawn(rs, "primary", {"nbd": sock.fileno()}, {"nbd_path": path})
+        finally:
+            sock.close()
+
+    def stop_worker(self, rs: ResState, sig: int = signal.SIGTERM) -> None:
+        w = rs.worker
+        if w is None:
+            return
+        rs.worker = None
+        try:
+            self.sel.unregister(w.sock)
+        except (KeyError, ValueError):
+            pass
+        w.sock.close()
+        if w.proc.poll() is None:
+            w.proc.send_signal(sig)
+            try:
+                w.proc.wait(WORKER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.error("[%s] Worker %d did not exit, killing it.", rs.res.name, w.proc.pid)
+                w.proc.kill()
+                w.proc.wait()
+        if w.role == "primary":
+            try:
+                os.unlink(self.nbd_path(rs.res.name))
+            except FileNotFoundError:
+                pass
+        log.info("[%s] Worker %d stopped (status %s).", rs.res.name, w.proc.pid, w.proc.returncode)
+
+    def _reap(self) -> None:
+        for rs in self.resources.values():
+            w = rs.worker
+            if w is None or w.proc.poll() is None:
+                continue
+            rc = w.proc.returncode
+            self.stop_worker(rs)
+            name = rs.res.name
+            if w.role == "primary":
+                if rc < 0 or rc == os.EX_TEMPFAIL:
+                    log.warning("[%s] Primary worker died (status %d): restarting in %.0f s.", name, rc, WORKER_RESTART_DELAY)
+                    rs.restart_at = time.monotonic() + WORKER_RESTART_DELAY
+                else:
+                    log.error("[%s] Primary worker exited with status %d: role changed to init.", name, rc)
+                    self.set_role_one(rs, "init")
+            else:
+                log.info("[%s] Secondary worker exited (status %d).", name, rc)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for rs in self.resources.values():
+            if rs.restart_at is not None and now >= rs.restart_at:
+                rs.restart_at = None
+                if rs.role == "primary" and rs.worker is None:
+                    self.start_primary(rs)
+
+    def _worker_readable(self, rs: ResState) -> None:
+        w = rs.worker
+        if w is None:
+            return
+        try:
+            obj = w.reader.read()
+        except (OSError, ControlError):
+            obj = None
+        if obj is None:
+            try:
+                self.sel.unregister(w.sock)
+            except (KeyError, ValueError):
+                pass
+            self._reap()
+            return
+        self._worker_message(rs, obj)
+
+    def _worker_message(self, rs: ResState, obj: dict) -> None:
+        ev = obj.get("event")
+        if ev == "ready":
+            if rs.worker:
+                rs.worker.ready = True
+            return
+        if ev in ("connect", "disconnect", "syncstart", "syncdone", "syncintr", "split-brain"):
+            log.info("[%s] Event: %s.", rs.res.name, ev)
+            self.hooks.run(rs.res.exec, ev, rs.res.name, timeout=rs.res.hook_timeout)
+
+    def worker_status(self, rs: ResState) -> dict | None:
+        w = rs.worker
+        if w is None:
+            return None
+        try:
+            control.send(w.sock, {"cmd": "status"})
+            w.sock.settimeout(STATUS_TIMEOUT)
+            while True:
+                obj = w.reader.read()
+                if obj is None:
+                    return None
+                if "reply" in obj:
+                    return obj["reply"]
+                self._worker_message(rs, obj)
+        except (OSError, ControlError):
+            return None
+        finally:
+            if rs.worker is w:
+                w.sock.settimeout(None)
+
+    # -- roles ----------------------------------------------------------------------------------
+
+    def set_role_one(self, rs: ResState, role: str) -> str:
+        old = rs.role
+        if old == role:
+            return old
+        self.stop_worker(rs)
+        self._drop_pending(rs)
+        rs.restart_at = None
+        rs.role = role
+        log.info("[%s] Role changed to %s.", rs.res.name, role)
+        if role == "primary":
+            self.start_primary(rs)
+        self.hooks.run(rs.res.exec, "role", rs.res.name, old, role, timeout=rs.res.hook_timeout)
+        return old
+
+    def _drop_pending(self, rs: ResState) -> None:
+        if rs.pending_out is not None:
+            rs.pending_out.close()
+        rs.pending_out, rs.token = None, None
+
+    def select(self, names: list[str]) -> list[tuple[str, ResState | None]]:
+        if names == ["all"]:
+            return [(n, rs) for n, rs in self.resources.items()]
+        return [(n, self.resources.get(n)) for n in names]
+
+    def handle_control(self, req: dict) -> dict:
+        cmd, role, names = control.validate_request(req)
+        out = []
+        for name, rs in self.select(names):
+            if rs is None:
+                out.append({"name": name, "error": f"resource {name!r} is not configured"})
+            elif cmd == "role":
+                out.append({"name": name, "previous": self.set_role_one(rs, role), "role": role})
+            else:
+                out.append(self.status_one(rs))
+        return {"resources": out}
+
+    def status_one(self, rs: ResState) -> dict:
+        r = rs.res
+        st = {
+            "name": r.name,
+            "role": rs.role,
+            "provname": r.provname,
+            "localpath": r.local,
+            "remoteaddr": r.remote,
+            "sourceaddr": r.source,
+            "replication": r.replication,
+            "checksum": r.checksum,
+            "compression": r.compression,
+            "workerpid": rs.worker.proc.pid if rs.worker else 0,
+            "nbd_socket": self.nbd_path(r.name) if rs.role == "primary" else None,
+        }
+        ws = self.worker_status(rs)
+        if ws:
+            ws.pop("role", None)
+            st.update(ws)
+        return st
+
+    # -- control connections --------------------------------------------------------------------
+
+    def _accept_control(self) -> None:
+        try:
+            conn, _ = self.control_sock.accept()
+        except OSError:
+            return
+        threading.Thread(target=self._control_client, args=(conn,), daemon=True).start()
+
+    def _control_client(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(CONTROL_READ_TIMEOUT)
+            try:
+                req = control.LineReader(conn).read()
+                if req is None:
+                    return
+                reply = self._call_in_loop(self.handle_control, req)
+            except ControlError as exc:
+                reply = {"error": str(exc)}
+            except (OSError, TimeoutError):
+                return
+            try:
+                control.send(conn, reply)
+            except OSError:
+                pass
+
+    # -- replication connections ----------------------------------------------------------------
+
+    def _accept_peer(self, lsock: socket.socket) -> None:
+        try:
+            conn, _ = lsock.accept()
+        except OSError:
+            return
+        threading.Thread(target=self._peer_first_frame, args=(conn,), daemon=True).start()
+
+    def _peer_first_frame(self, conn: socket.socket) -> None:
+        try:
+            tune(conn, HANDSHAKE_TIMEOUT)
+            frame = recv_one(conn, msg.PROTO_VERSION)
+        except (OSError, ConnectionError, ProtocolError, NvError) as exc:
+            log.warning("Unable to receive a handshake from a peer: %s.", exc)
+            conn.close()
+            return
+        self._post(self._peer_handshake, conn, frame)
+
+    def _refuse(self, conn: socket.socket, errmsg: str, wait: bool = False) -> None:
+        log.warning("Refusing a connection from %s: %s", _peer(conn), errmsg)
+        try:
+            send_frame(conn, msg.ERROR_FRAME_VERSION, msg.ErrorReply(errmsg, wait).to_nv())
+        except OSError:
+            pass
+        conn.close()
+
+    def _peer_handshake(self, conn: socket.socket, frame) -> None:
+        try:
+            hello = msg.decode_handshake(frame.nv)
+            if isinstance(hello, msg.InHello):
+                self._in_connection(conn, hello)
+            else:
+                self._out_connection(conn, hello)
+        except ProtocolError as exc:
+            self._refuse(conn, f"Invalid handshake: {exc}")
+
+    def _check_peer(self, conn: socket.socket, name: str) -> ResState | str:
+        host = _peer(conn)
+        allowed = [rs for rs in self.resources.values() if _same_host(rs.res.remote, host)]
+        if not allowed:
+            return msg.ERRMSG_NOT_CONFIGURED
+        rs = self.resources.get(name)
+        if rs is None or rs not in allowed:
+            return msg.ERRMSG_NO_ACCESS
+        return rs
+
+    def _out_connection(self, conn: socket.socket, hello) -> None:
+        rs = self._check_peer(conn, hello.resource)
+        if isinstance(rs, str):
+            return self._refuse(conn, rs)
+        if rs.role != "secondary":
+            text = msg.ERRMSG_WRONG_ROLE.format(role=rs.role)
+            return self._refuse(conn, text, wait=rs.role == "primary")
+        if rs.worker is not None:
+            log.info("[%s] New connection from the primary: stopping the old worker.", rs.res.name)
+            self.stop_worker(rs, signal.SIGINT)
+        self._drop_pending(rs)
+        rs.token = secrets.token_bytes(16)
+        rs.pending_out = conn
+        rs.pending_version = msg.negotiate_version(hello.version)
+        rs.pending_maxio = hello.maxio
+        rs.events.clear()
+        try:
+            send_frame(conn, msg.HELLO_FRAME_VERSION, msg.HelloReply(version=rs.pending_version, token=rs.token).to_nv())
+        except OSError as exc:
+            log.warning("[%s] Handshake with the primary failed: %s.", rs.res.name, exc)
+            self._drop_pending(rs)
+
+    def _in_connection(self, conn: socket.socket, inhello) -> None:
+        rs = self._check_peer(conn, inhello.resource)
+        if isinstance(rs, str):
+            return self._refuse(conn, rs)
+        if rs.token is None or rs.pending_out is None or not secrets.compare_digest(rs.token, inhello.token):
+            return self._refuse(conn, msg.ERRMSG_TOKEN_MISMATCH)
+        out, version = rs.pending_out, rs.pending_version
+        rs.pending_out, rs.token = None, None
+        handshake = {
+            "virgin": inhello.virgin,
+            "resuid": inhello.resuid,
+            "localcnt": inhello.localcnt,
+            "remotecnt": inhello.remotecnt,
+            "maxio": rs.pending_maxio,
+        }
+        try:
+            self.spawn(rs, "secondary", {"out": out.fileno(), "in": conn.fileno()}, {"version": version, "handshake": handshake})
+        finally:
+            out.close()
+            conn.close()
+
+    # -- reload and shutdown --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        log.info("Reloading configuration...")
+        try:
+            new = cfgmod.load(self.config_path, self.node_names)
+        except (ConfigError, OSError) as exc:
+            log.error("Reload failed, keeping the old configuration: %s", exc)
+            return
+        new_res = {r.name: r for r in new.resources}
+        for name in list(self.resources):
+            if name not in new_res:
+                self.set_role_one(self.resources[name], "init")
+                del self.resources[name]
+                log.info("[%s] Resource removed.", name)
+        for name, r in new_res.items():
+            rs = self.resources.get(name)
+            if rs is None:
+                self.resources[name] = ResState(r)
+                log.info("[%s] Resource added (role init).", name)
+            elif rs.res != r:
+                role = rs.role
+                self.set_role_one(rs, "init")
+                rs.res = r
+                self.set_role_one(rs, role)
+                log.info("[%s] Resource configuration changed: restarted in role %s.", name, role)
+        if new.listen != self.cfg.listen:
+            for s in self.listeners:
+                self.sel.unregister(s)
+                s.close()
+            self.listeners = []
+            self.cfg = new
+            self.open_listeners()
+        self.cfg = new
+        log.info("Configuration reloaded.")
+
+    def shutdown(self) -> None:
+        for rs in self.resources.values():
+            self.stop_worker(rs)
+            self._drop_pending(rs)
+        self.hooks.wait_all(2.0)
+        if self.control_sock is not None:
+            self.control_sock.close()
+            try:
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
+        for s in self.listeners:
+            s.close()
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        return peer_host(conn)
+    except OSError:
+        return "?"
+
+
+def _same_host(remote: str, host: str) -> bool:
+    """Does the peer's IP match a `remote` address (hastd compares addresses, not ports)?"""
+    if remote == const.REMOTE_NONE:
+        return False
+    try:
+        family, rhost, _ = cfgmod.parse_tcp_address(remote)
+        infos = socket.getaddrinfo(rhost, None, family, socket.SOCK_STREAM)
+    except (ConfigError, OSError):
+        return False
+    want = ipaddress.ip_address(host.split("%")[0])
+    if want.version == 6 and want.ipv4_mapped:
+        want = want.ipv4_mapped
+    return any(ipaddress.ip_address(info[4][0].split("%")[0]) == want for info in infos)
+
+
+class PidFile:
+    """An flock'ed pid file: a second hastd with the same pid file refuses to start."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise HastError(f"hastd is already running (pid file {path} is locked)") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)

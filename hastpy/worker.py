@@ -1,0 +1,123 @@
+"""Entry point of a hastd worker process: `python -m hastpy.worker`, started by the supervisor.
+
+The supervisor execs a fresh interpreter per worker (its last argument is "hastd: <res> (<role>)",
+the title hastd's failover scripts look for) and passes one socketpair end, whose fd number is
+argv[1], plus any replication sockets. The first line on it is the worker's spec (JSON): role, resource, fds,
+handshake data. After that the same socket carries status requests from the supervisor and events
+to it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import pwd
+import socket
+import sys
+import threading
+from dataclasses import fields
+
+from hastpy import control
+from hastpy.config import Resource
+
+log = logging.getLogger("hastd")
+
+HAST_USER = "hast"
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_IO_FLUSHER = 57
+
+
+class Channel:
+    """The worker's end of the supervisor socketpair. Sends are serialized by a lock."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = control.LineReader(sock)
+        self._send_lock = threading.Lock()
+
+    def send(self, obj: dict) -> None:
+        with self._send_lock:
+            try:
+                control.send(self.sock, obj)
+            except OSError:
+                pass  # the supervisor is gone; serve_status notices and exits
+
+    def event(self, name: str, **extra) -> None:
+        self.send({"event": name, **extra})
+
+    def serve_status(self, status_fn) -> None:
+        """Answer status requests until the supervisor goes away, then end the worker."""
+
+        def loop():
+            try:
+                while (req := self.reader.read()) is not None:
+                    if req.get("cmd") == "status":
+                        self.send({"reply": status_fn()})
+            except Exception as exc:  # noqa: BLE001 - any failure here means the parent is gone
+                log.error("Control channel failed: %s", exc)
+            log.warning("Supervisor went away, exiting.")
+            os._exit(os.EX_SOFTWARE)
+
+        threading.Thread(target=loop, name="control", daemon=True).start()
+
+
+def resource_from_dict(d: dict) -> Resource:
+    names = {f.name for f in fields(Resource)}
+    return Resource(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+def _prctl(option: int, arg: int) -> bool:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return libc.prctl(option, arg, 0, 0, 0) == 0
+
+
+def set_io_flusher() -> None:
+    """Mark the process serving the block device as an I/O flusher (peers.md §5.5): memory
+    reclaim triggered by our own allocations must not wait on writeback through our device."""
+    if not _prctl(PR_SET_IO_FLUSHER, 1):
+        log.debug("PR_SET_IO_FLUSHER not available (needs CAP_SYS_RESOURCE).")
+
+
+def drop_privileges() -> None:
+    """After every file and socket is open: become user `hast` (if it exists) with no new privileges.
+
+    What the worker can still do: read/write its open provider fd and sockets, connect out over
+    TCP (the primary reconnects itself), and create files only where user `hast` may.
+    """
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if os.getuid() != 0:
+        return
+    try:
+        pw = pwd.getpwnam(HAST_USER)
+    except KeyError:
+        log.debug("No user %s; the worker keeps running as root.", HAST_USER)
+        return
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log.debug("Privileges dropped to %s.", HAST_USER)
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    channel = Channel(sock)
+    spec = channel.reader.read()
+    if spec is None:
+        sys.exit(os.EX_SOFTWARE)
+    res = resource_from_dict(spec["resource"])
+    logging.basicConfig(
+        level=logging.DEBUG if spec.get("debug") else logging.INFO,
+        format=f"%(asctime)s hastd[%(process)d] [{res.name}] ({spec['role']}) %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if spec["role"] == "primary":
+        from hastpy.primary import run
+    else:
+        from hastpy.secondary import run
+    sys.exit(run(res, spec, channel))
+
+
+if __name__ == "__main__":
+    main()
