@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import socket
 
+from hastpy.constants import DEFAULT_PORT
 from hastpy.config import parse_tcp_address
 from hastpy.errors import RemoteProtocolError
 from hastpy.nv import NvList
-from hastpy.proto.frame import Frame, FrameReader, encode_frame
+from hastpy.proto.frame import MAX_HANDSHAKE_PAYLOAD, Frame, FrameReader, encode_frame
 
 # proto_tcp.c: listeners get a backlog of 8; two connections per resource, few resources.
 LISTEN_BACKLOG = 8
@@ -23,8 +24,8 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 KEEPIDLE, KEEPINTVL, KEEPCNT = 10, 5, 3
 
 
-def _resolve(addr: str, passive: bool = False) -> tuple[int, tuple]:
-    family_hint, host, port = parse_tcp_address(addr)
+def _resolve(addr: str, passive: bool = False, default_port: int = DEFAULT_PORT) -> tuple[int, tuple]:
+    family_hint, host, port = parse_tcp_address(addr, default_port)
     flags = socket.AI_ADDRCONFIG | (socket.AI_PASSIVE if passive else 0)
     try:
         infos = socket.getaddrinfo(host or None, port, family_hint, socket.SOCK_STREAM, 0, flags)
@@ -52,8 +53,9 @@ def connect(remote: str, source: str | None, timeout: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if source:
-            sfamily, saddr = _resolve(source, passive=True)
-            sock.bind((saddr[0], 0) if sfamily == family else saddr)
+            # hastd binds the source to any port unless one is given.
+            _, saddr = _resolve(source, passive=True, default_port=0)
+            sock.bind(saddr)
         sock.settimeout(timeout)
         sock.connect(sockaddr)
         tune(sock, timeout)
@@ -100,9 +102,9 @@ def send_frame(sock: socket.socket, version: int, nv: NvList, payload=None) -> N
 class FrameStream:
     """Blocking reads of whole frames from a socket. Owned by one reader thread."""
 
-    def __init__(self, sock: socket.socket, max_version: int):
+    def __init__(self, sock: socket.socket, max_version: int, max_payload: int):
         self._sock = sock
-        self._reader = FrameReader(max_version)
+        self._reader = FrameReader(max_version, max_payload=max_payload)
 
     def recv(self) -> Frame:
         """The next frame; ConnectionError at EOF, RemoteProtocolError on a malformed one."""
@@ -116,9 +118,9 @@ class FrameStream:
             self._reader.feed(chunk)
 
 
-def recv_one(sock: socket.socket, max_version: int) -> Frame:
-    """Read exactly one frame and nothing past it (used for handshakes before a hand-off)."""
-    reader = FrameReader(max_version)
+def recv_one(sock: socket.socket, max_version: int, max_payload: int = MAX_HANDSHAKE_PAYLOAD) -> Frame:
+    """Read exactly one frame and nothing past it (handshakes: the reply may carry the bitmap)."""
+    reader = FrameReader(max_version, max_payload=max_payload)
     while True:
         frame = reader.next_frame()
         if frame is not None:

@@ -1,0 +1,664 @@
+"""Serve one NBD export over connected sockets: the I/O half of `hastpy.nbd`.
+
+`ExportConnection` drives a `codec.ServerConnection` over one socket. Its receive loop runs the
+handshake, then turns every request into a call `backend.submit(request, done)` and goes straight
+back to reading: many requests can be in flight, and each reply is sent by whichever thread calls
+`done`, in completion order (NBD matches replies to requests by handle). This is the shape of
+hastd's ggate_recv -> ... -> ggate_send pipeline (reference/style.md §1), and the primary worker
+plugs its pipeline in as an `AsyncBackend`. Plain blocking backends (a file, a disk) are wrapped
+in `BlockingAdapter`, which runs them on a few threads.
+
+Threads and what they own:
+- the receive thread (one per connection) is the only user of the codec and of socket reads;
+- any thread may send a reply; `ExportConnection._send_lock` keeps each reply's header and data
+  contiguous on the wire;
+- `InFlightWindow` bounds the requests (and payload bytes) a connection holds: when it is full
+  the receive thread stops reading, so the client's own queue absorbs the excess and our memory
+  stays bounded, which matters for a server that may be on the kernel's reclaim path
+  (reference/peers.md §5.5).
+
+`UnixServer` / `serve_unix()` listen on a unix socket and serve each connection in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from hastpy.errors import LocalProtocolError, RemoteProtocolError
+from hastpy.nbd.codec import (
+    DEFAULT_MAX_BLOCK_SIZE,
+    DEFAULT_MIN_BLOCK_SIZE,
+    NBD_EIO,
+    NEED_DATA,
+    Aborted,
+    Command,
+    ConnectionClosed,
+    OptionReply,
+    Ready,
+    Request,
+    RequestError,
+    ServerConnection,
+    encode_reply_header,
+    nbd_error,
+    nbd_error_from_exception,
+)
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+# --- Limits, each with its reason ---------------------------------------------------------------
+
+# One recv_into() takes up to this much: a 1 MiB write arrives in a handful of system calls and a
+# burst of small requests is parsed from one buffer, keeping per-request overhead low.
+RECV_BUFFER_SIZE = 1024 * 1024
+# Requests in flight per connection. hastd keeps HAST_HIO_MAX (160) requests in its pipeline and
+# we must not be a narrower pipe than it; the kernel client queues at most 128 per connection, so
+# it is never throttled by us, while a misbehaving client cannot make us hold unbounded work.
+MAX_IN_FLIGHT = 256
+# Payload bytes (WRITE data held, READ data to return) in flight per connection. Four maximum-size
+# (32 MiB) requests, or the kernel's whole queue of 128 requests at 1 MiB each: bounded memory
+# with room for full-speed streaming.
+MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
+# Threads BlockingAdapter runs a blocking backend on. os.pread/os.pwrite release the GIL, so a few
+# threads overlap device latency; many more only add contention on a single file or disk.
+DEFAULT_WORKERS = 4
+# Pending connections on the listening socket: `nbd-client -C N` opens N at once.
+LISTEN_BACKLOG = 16
+# How long UnixServer.stop() waits for each connection thread to finish its in-flight requests.
+STOP_TIMEOUT = 10.0
+# Zeroes are written in chunks of this size when they cannot be punched or zero-ranged.
+ZERO_CHUNK = 1024 * 1024
+
+
+# --- Backend interfaces ------------------------------------------------------------------------
+
+DoneCallback = Callable[..., None]
+"""`done(error=0, data=b"")`: complete a request exactly once, from any thread. `error` is an NBD
+(or host) errno value, 0 for success; `data` is a successful READ's bytes, exactly `length` long."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A blocking store for the export's bytes. Methods raise OSError on failure."""
+
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def trim(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None: ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """A store that accepts requests and completes them later, in any order, from any thread.
+
+    `submit` must not block for long: it is called on the connection's receive thread. Requests
+    arrive already validated (in range, aligned, permitted); FLUSH must cover every write whose
+    reply was sent before the FLUSH arrived, and a request with `fua` must not complete before its
+    data is durable (proto.md "Ordering of messages and writes").
+    """
+
+    size: int
+
+    def submit(self, request: Request, done: DoneCallback) -> None: ...
+
+
+def execute(backend: Backend, request: Request) -> bytes:
+    """Run one validated request against a blocking backend; return a READ's data, else b""."""
+    kind = request.kind
+    if kind == Command.READ:
+        return backend.pread(request.offset, request.length)
+    if kind == Command.WRITE:
+        backend.pwrite(request.offset, request.data, request.fua)
+    elif kind == Command.FLUSH:
+        backend.flush()
+    elif kind == Command.TRIM:
+        backend.trim(request.offset, request.length, request.fua)
+    elif kind == Command.WRITE_ZEROES:
+        backend.write_zeroes(request.offset, request.length, request.fua, request.may_trim)
+    else:
+        raise LocalProtocolError(f"{kind!r} cannot be executed")
+    return b""
+
+
+class BlockingAdapter:
+    """An AsyncBackend that runs a blocking Backend on `workers` threads (0: on the caller's).
+
+    Requests in flight together may run in any order, which NBD allows: a client that needs an
+    order waits for the reply first, and FLUSH only covers writes already replied to.
+    """
+
+    def __init__(self, backend: Backend, workers: int = DEFAULT_WORKERS) -> None:
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="nbd-io") if workers else None
+
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    def submit(self, request: Request, done: DoneCallback) -> None:
+        if self._pool is None:
+            self._run(request, done)
+        else:
+            self._pool.submit(self._run, request, done)
+
+    def close(self) -> None:
+        """Wait for queued requests, then stop the threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _run(self, request: Request, done: DoneCallback) -> None:
+        try:
+            data = execute(self.backend, request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an NBD error reply
+            if not isinstance(exc, OSError):
+                log.exception("backend failed on %s", request.kind.name)
+            done(nbd_error_from_exception(exc))
+            return
+        done(0, data)
+
+
+# --- A file or block device as a Backend -------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    """glibc's fallocate(2) wrapper; os has no fallocate with a mode argument."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    func = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if func is None:  # pragma: no cover - every Linux libc has it
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    func.restype = ctypes.c_int
+    return func
+
+
+_fallocate = _load_fallocate()
+
+
+class FileBackend:
+    """A regular file or block device, opened by path. Used by tests, benchmarks and `none` mode.
+
+    A sparse file shorter than `size` reads as zeroes past its end and grows when written.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, size: int | None = None, read_only: bool = False
+    ) -> None:
+        self.read_only = read_only
+        self._fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            self.size = self._device_size() if size is None else size
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _device_size(self) -> int:
+        st = os.fstat(self._fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(self._fd, 0, os.SEEK_END)
+        return st.st_size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        chunks = []
+        got = 0
+        while got < length:  # a short read is retried; only end of file ends the loop early
+            chunk = os.pread(self._fd, length - got, offset + got)
+            if not chunk:  # past the end of a sparse file shorter than the export: zeroes
+                chunks.append(bytes(length - got))
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+        if fua:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        # TRIM is a hint: where holes cannot be punched (block devices, some filesystems) it is
+        # simply not done, which the spec allows.
+        if self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) and fua:
+            os.fdatasync(self._fd)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE if may_trim else _FALLOC_FL_ZERO_RANGE
+        if not self._fallocate(mode, offset, length):
+            zeroes = bytes(min(length, ZERO_CHUNK))
+            for start in range(offset, offset + length, ZERO_CHUNK):
+                self.pwrite(start, zeroes[: min(ZERO_CHUNK, offset + length - start)], fua=False)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """True if fallocate did it; False if the file or kernel does not support the mode."""
+        if _fallocate is None:  # pragma: no cover
+            return False
+        if _fallocate(self._fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+
+
+# --- The per-connection machinery --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the export is presented to clients (the codec's constructor arguments, minus size)."""
+
+    name: str = ""
+    read_only: bool = False
+    multi_conn: bool = False
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
+    max_block_size: int = DEFAULT_MAX_BLOCK_SIZE
+    description: str = ""
+
+
+class InFlightWindow:
+    """Counts the requests and payload bytes a connection holds, and blocks admission when full.
+
+    A request is always admitted into an empty window, whatever its size, so one maximum-size
+    request can never deadlock a small byte budget.
+    """
+
+    def __init__(self, max_requests: int = MAX_IN_FLIGHT, max_bytes: int = MAX_IN_FLIGHT_BYTES) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+        self._cond = threading.Condition()  # guards requests and bytes
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._fits(nbytes))
+            self.requests += 1
+            self.bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.requests -= 1
+            self.bytes -= nbytes
+            self._cond.notify_all()
+
+    def wait_empty(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.requests == 0, timeout)
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.requests == 0:
+            return True
+        return self.requests < self.max_requests and self.bytes + nbytes <= self.max_bytes
+
+
+def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
+    """Send every buffer in order with sendmsg, without joining them into one big copy."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+
+
+class _Completion:
+    """The `done` callback for one request: sends its reply, then frees its window slot."""
+
+    __slots__ = ("_conn", "_request", "_cost", "_once")
+
+    def __init__(self, conn: ExportConnection, request: Request, cost: int) -> None:
+        self._conn = conn
+        self._request = request
+        self._cost = cost
+        self._once = threading.Lock()  # held forever once the request has completed
+
+    def __call__(self, error: int = 0, data: Buffer | None = b"") -> None:
+        if not self._once.acquire(blocking=False):
+            raise LocalProtocolError(f"request {self._request.handle:#x} completed twice")
+        try:
+            self._conn._send_reply(self._request, error, data)  # noqa: SLF001 - our own helper
+        finally:
+            self._conn._window.release(self._cost)  # noqa: SLF001
+
+    @property
+    def completed(self) -> bool:
+        return self._once.locked()
+
+
+class ExportConnection:
+    """Serves one connected socket: handshake, then requests, until DISC, EOF, a protocol error
+    or stop(). Every request admitted is completed (and its reply attempted) before run()
+    returns, so the backend is never still working for a connection that is gone."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        backend: Backend | AsyncBackend,
+        config: ExportConfig = ExportConfig(),
+        *,
+        workers: int = DEFAULT_WORKERS,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_in_flight_bytes: int = MAX_IN_FLIGHT_BYTES,
+    ) -> None:
+        self._sock = sock
+        self._config = config
+        if isinstance(backend, AsyncBackend):
+            self._backend: AsyncBackend = backend
+            self._adapter: BlockingAdapter | None = None
+        else:
+            self._adapter = BlockingAdapter(backend, workers)
+            self._backend = self._adapter
+        self._window = InFlightWindow(max_in_flight, max_in_flight_bytes)
+        self._send_lock = threading.Lock()  # guards socket sends and _broken
+        self._broken = False  # a send failed: later replies are dropped
+        self.export_name: str | None = None  # set once the client has entered transmission
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except RemoteProtocolError as exc:
+            log.warning("nbd: closing connection: %s", exc)
+        except OSError as exc:
+            log.info("nbd: connection lost: %s", exc)
+        finally:
+            self._finish()
+
+    def stop(self) -> None:
+        """Ask run() to finish, from any thread: reads see EOF and in-flight replies are dropped."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    # -- the receive loop --
+
+    def _serve(self) -> None:
+        codec = ServerConnection(
+            self._config.name,
+            self._backend.size,
+            read_only=self._config.read_only,
+            multi_conn=self._config.multi_conn,
+            min_block_size=self._config.min_block_size,
+            max_block_size=self._config.max_block_size,
+            description=self._config.description,
+        )
+        self._send([codec.greeting()])
+        buffer = bytearray(RECV_BUFFER_SIZE)
+        view = memoryview(buffer)
+        while True:
+            event = codec.next_event()
+            if event is NEED_DATA:
+                n = self._sock.recv_into(buffer)
+                codec.receive_data(view[:n])
+            elif isinstance(event, Request):
+                if event.kind == Command.DISC:
+                    return
+                self._dispatch(event)
+            elif isinstance(event, RequestError):
+                log.debug("nbd: refusing request %#x: %s", event.handle, event.reason)
+                self._send([encode_reply_header(event.handle, event.error)])
+            elif isinstance(event, (OptionReply, Ready)):
+                self._send([event.data])
+                if isinstance(event, Ready):
+                    self.export_name = event.export_name
+            elif isinstance(event, Aborted):
+                with contextlib.suppress(OSError):  # the client may not wait for the ack
+                    self._send([event.data])
+                return
+            else:
+                assert isinstance(event, ConnectionClosed)
+                return
+
+    def _dispatch(self, request: Request) -> None:
+        """Hand a request to the backend; blocks while the window is full (backpressure)."""
+        cost = request.reply_size
+        self._window.acquire(cost)
+        done = _Completion(self, request, cost)
+        try:
+            self._backend.submit(request, done)
+        except Exception:  # noqa: BLE001 - a backend bug must not kill the connection silently
+            log.exception("nbd: backend refused %s", request.kind.name)
+            if not done.completed:
+                done(NBD_EIO)
+
+    def _finish(self) -> None:
+        """NBD_CMD_DISC and a clean shutdown both require finishing what is in flight first."""
+        self._window.wait_empty()
+        if self._adapter is not None:
+            self._adapter.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    # -- sending, from any thread --
+
+    def _send(self, buffers: Sequence[Buffer]) -> None:
+        with self._send_lock:
+            sendall_vectored(self._sock, buffers)
+
+    def _send_reply(self, request: Request, error: int, data: Buffer | None) -> None:
+        error = nbd_error(error) if error else 0
+        if request.kind != Command.READ or error:
+            data = b""
+        elif data is None or len(data) != request.length:
+            # Sending a wrong-length payload would desynchronise the stream; report EIO instead.
+            got = 0 if data is None else len(data)
+            log.error("nbd: backend returned %d bytes for a %d-byte read", got, request.length)
+            error, data = NBD_EIO, b""
+        header = encode_reply_header(request.handle, error)
+        with self._send_lock:
+            if self._broken:
+                return
+            try:
+                sendall_vectored(self._sock, [header, data])
+            except OSError as exc:
+                # The client is gone: drop later replies and make the receive loop see EOF.
+                log.info("nbd: reply to %#x not sent: %s", request.handle, exc)
+                self._broken = True
+                self.stop()
+
+
+def serve_connection(
+    sock: socket.socket,
+    backend: Backend | AsyncBackend,
+    config: ExportConfig = ExportConfig(),
+    **options: int,
+) -> None:
+    """Serve one connected socket until the client leaves; closes the socket."""
+    ExportConnection(sock, backend, config, **options).run()
+
+
+# --- Listening on a unix socket ----------------------------------------------------------------
+
+
+class UnixServer:
+    """Listens on a unix socket and serves each connection on its own thread.
+
+    `backend_factory()` is called once per connection; the server never closes what it returns
+    (a shared backend is the normal case). Use as a context manager, or start()/stop().
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        backend_factory: Callable[[], Backend | AsyncBackend],
+        config: ExportConfig = ExportConfig(),
+        *,
+        mode: int = 0o600,
+        workers: int = DEFAULT_WORKERS,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        max_in_flight_bytes: int = MAX_IN_FLIGHT_BYTES,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._factory = backend_factory
+        self._config = config
+        self._mode = mode
+        self._options = {
+            "workers": workers,
+            "max_in_flight": max_in_flight,
+            "max_in_flight_bytes": max_in_flight_bytes,
+        }
+        self._listener: socket.socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._accept_thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _connections and _threads
+        self._connections: set[ExportConnection] = set()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = False
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def start(self) -> UnixServer:
+        self._remove_stale_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.path)
+            os.chmod(self.path, self._mode)  # no authentication in NBD: the mode is the guard
+            listener.listen(LISTEN_BACKLOG)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"nbd-accept {self.path}", daemon=True
+        )
+        self._accept_thread.start()
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop accepting, disconnect every client, wait for their threads, remove the socket."""
+        with self._lock:
+            self._stopping = True
+            connections = list(self._connections)
+        self._wake_w.send(b"x")
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        for conn in connections:
+            conn.stop()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("nbd: %s did not finish within %.0f s", thread.name, timeout)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> UnixServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _remove_stale_socket(self) -> None:
+        """A socket left by a dead server is replaced; any other file is an error, not ours."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{self.path} exists and is not a socket")
+        os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        with self._listener:
+            while True:
+                readable, _, _ = select.select([self._listener, self._wake_r], [], [])
+                if self._wake_r in readable:
+                    return
+                try:
+                    sock, _ = self._listener.accept()
+                except OSError as exc:  # pragma: no cover - e.g. EMFILE; keep serving others
+                    log.warning("nbd: accept failed: %s", exc)
+                    continue
+                self._start_connection(sock)
+
+    def _start_connection(self, sock: socket.socket) -> None:
+        thread = threading.Thread(
+            target=self._serve_one, args=(sock,), name=f"nbd {self.path}", daemon=True
+        )
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                return
+            self._threads.add(thread)
+        thread.start()
+
+    def _serve_one(self, sock: socket.socket) -> None:
+        try:
+            conn = ExportConnection(sock, self._factory(), self._config, **self._options)
+        except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+            log.exception("nbd: cannot serve a new connection")
+            sock.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+            return
+        with self._lock:
+            stopping = self._stopping
+            self._connections.add(conn)
+        if stopping:  # stop() took its snapshot before we registered: stop ourselves
+            conn.stop()
+        try:
+            conn.run()
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
+
+
+def serve_unix(
+    path: str | os.PathLike[str],
+    backend_factory: Callable[[], Backend | AsyncBackend],
+    config: ExportConfig = ExportConfig(),
+    **options: int,
+) -> UnixServer:
+    """Start serving `path`; returns the running server (call stop(), or use it as a context)."""
+    return UnixServer(path, backend_factory, config, **options).start()

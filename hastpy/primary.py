@@ -1,0 +1,809 @@
+"""The primary worker: serve the resource over NBD, write every change to both nodes, resync.
+
+Threads and where requests go (hastd's primary.c pipeline, with a pool where it had one thread):
+- NBD receive (hastpy.nbd.server, one per client connection): decoded requests -> `submit`;
+  a write takes its range lock and, if the activemap says so, writes the bitmap *before* the data;
+- local pool (LOCAL_THREADS): pread/pwrite/discard/fdatasync on the provider -> `_local_done`;
+- `Link.send` thread: remote requests -> the *out* connection (keepalive when idle);
+- `Link.recv` thread: replies from the *in* connection -> `_remote_done` by seq;
+- whichever thread completes a request's last part acks it to NBD and releases activemap and range;
+- `sync` thread: copies dirty extents chunk by chunk, range-locked against user writes;
+- `guard` thread: connects and reconnects to the secondary.
+
+Safety rules (DESIGN.md §2.5): an extent's bit is on disk before any data write to it; it stays
+dirty until both nodes confirmed the write; a write whose remote half did not positively succeed is
+marked for resync; overlapping user writes never run at once (so both replicas apply them in the
+same order); FLUSH and FUA mean durable on every connected node before the reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from hastpy import constants as const
+from hastpy import localio, metadata, syncdecide
+from hastpy.activemap import ActiveMap
+from hastpy.config import Resource
+from hastpy.errors import HastError, ProtocolError
+from hastpy.nbd import codec as nbdcodec
+from hastpy.nbd import server as nbdserver
+from hastpy.proto import messages as msg
+from hastpy.proto import pipeline
+from hastpy.provider import open_provider
+from hastpy.rangelock import LockKind, RangeLocks
+from hastpy.transport import FrameStream, connect, recv_one, send_frame
+from hastpy.worker import Channel, drop_privileges, set_io_flusher
+
+log = logging.getLogger("hastd")
+
+LOCAL_THREADS = 8  # concurrent local disk I/Os; hastd has one (queue depth 1)
+RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while degraded (hastd: 10 s guard)
+WAIT_RETRY = 1.0  # hastd: a peer that answers "wait" (still primary) is retried every 1 s
+FIRST_CONNECT_TIMEOUT = 3.0  # bound on the first connect so a dead peer does not delay service
+SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
+NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
+
+SPLIT_BRAIN_ERRMSG = syncdecide.SPLIT_BRAIN_ERRMSG
+
+
+class RemoteError(Exception):
+    """A remote request failed: carries a Linux errno."""
+
+
+class Link:
+    """One connected pair of sockets to the secondary, and its send and receive threads.
+
+    `pending` maps seq -> callback(error, received, data); it is guarded by `_lock`, as is
+    `closed`. After `close()` every pending and every later request fails with ENOTCONN, exactly
+    once, so each write's remote half is resolved and marked for resync if it did not succeed.
+    """
+
+    def __init__(self, primary: Primary, out: socket.socket, inn: socket.socket, version: int, maxio: int):
+        self.p = primary
+        self.out = out
+        self.inn = inn
+        self.version = version
+        self.maxio = maxio
+        self._lock = threading.Lock()
+        self.pending: dict[int, object] = {}
+        self.closed = False
+        self.sendq: queue.Queue = queue.Queue(SEND_QUEUE_MAX)
+        self._seq = itertools.count(2)  # seq 1 is hastd's sync seq; ours are unique
+        self.last_send = time.monotonic()
+
+    def start(self) -> None:
+        threading.Thread(target=self._send_loop, name="remote-send", daemon=True).start()
+        threading.Thread(target=self._recv_loop, name="remote-recv", daemon=True).start()
+
+    def submit(self, cmd: int, offset: int, length: int, data, memsync: bool, callback) -> None:
+        """Queue a request; callback(error_errno, received, data) runs on reply or failure."""
+        seq = next(self._seq)
+        with self._lock:
+            if self.closed:
+                callback(errno.ENOTCONN, False, None)
+                return
+            self.pending[seq] = callback
+        self.sendq.put((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
+
+    def close(self, why: str) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            pending, self.pending = self.pending, {}
+        for s in (self.out, self.inn):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        try:
+            self.sendq.put_nowait(None)
+        except queue.Full:
+            pass
+        log.warning("Disconnected from %s: %s.", self.p.res.remote, why)
+        for cb in pending.values():
+            cb(errno.ENOTCONN, False, None)
+        self.p.on_disconnect(self)
+
+    def _send_loop(self) -> None:
+        res = self.p.res
+        try:
+            while not self.closed:
+                try:
+                    item = self.sendq.get(timeout=const.KEEPALIVE_INTERVAL)
+                except queue.Empty:
+                    send_frame(self.out, self.version, msg.Request.keepalive().to_nv())
+                    continue
+                if item is None:
+                    return
+                req, data = item
+                nv = req.to_nv()
+                payload = None
+                if data is not None:
+                    payload = pipeline.encode_payload(data, res.compression, res.checksum, nv)
+                send_frame(self.out, self.version, nv, payload)
+        except (OSError, ProtocolError) as exc:
+            self.close(f"send failed: {exc}")
+
+    def _recv_loop(self) -> None:
+        stream = FrameStream(self.inn, self.version, self.maxio)
+        try:
+            while not self.closed:
+                try:
+                    frame = stream.recv()
+                except TimeoutError:
+                    with self._lock:
+                        idle = not self.pending
+                    if idle:
+                        continue  # nothing outstanding: silence is fine
+                    raise
+                rep = msg.Reply.from_nv(frame.nv)
+                with self._lock:
+                    cb = self.pending.get(rep.seq) if rep.received else self.pending.pop(rep.seq, None)
+                if cb is None:
+                    raise ProtocolError(f"reply for unknown seq {rep.seq}")
+                data = None
+                if len(frame.payload) and not rep.error:
+                    data = pipeline.decode_payload(frame.payload, frame.nv)
+                cb(rep.error, rep.received, data)
+        except TimeoutError:
+            self.close(f"no reply within {self.p.res.timeout} s")
+        except (OSError, ConnectionError, ProtocolError) as exc:
+            self.close(f"receive failed: {exc}")
+
+
+class Hio:
+    """One user request in flight. Fields are written by the thread completing each part and
+    read by whichever completes last, all under `lock`."""
+
+    __slots__ = ("kind", "offset", "length", "data", "fua", "done", "lock", "parts", "local_err",
+                 "remote_err", "remote_ok", "acked", "range_token", "settled", "remote_total")  # fmt: skip
+
+    def __init__(self, kind, offset, length, data, fua, done):
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.data = data
+        self.fua = fua
+        self.done = done  # NBD reply callback: done(error_errno, data)
+        self.lock = threading.Lock()
+        self.parts = 0  # outstanding parts: 1 local + n remote chunks
+        self.local_err = None  # None = not finished, 0 = ok, else errno
+        self.remote_err = 0  # first remote error seen
+        self.remote_ok = True  # every remote chunk positively succeeded
+        self.acked = False
+        self.range_token = None
+        self.remote_total = 0  # remote chunks sent
+        self.settled = 0  # remote chunks received (memsync early ack) or finished, once each
+
+
+class Primary:
+    def __init__(self, res: Resource, prov, md: metadata.Metadata, channel: Channel):
+        self.res = res
+        self.prov = prov
+        self.fd = prov.fd
+        self.channel = channel
+        self.localoff = md.offset
+        self.datasize = md.datasize
+        self.mode = res.replication
+        self._md_lock = threading.Lock()  # guards self.md and metadata writes
+        self.md = md
+        # Learned at each handshake; until the first one assume the peer was in step, so the first
+        # write of an outage bumps localcnt once (hastd starts from 0 and never bumps then).
+        self.peer = syncdecide.Counters(md.resuid, md.remotecnt, md.localcnt)
+        self.syncsrc = syncdecide.SYNCSRC_UNDEF
+        self.am = ActiveMap(md.datasize, md.extentsize, md.keepdirty, prov.sectorsize, const.MAXPHYS)
+        self._am_lock = threading.Lock()  # guards self.am (in-memory state only, never held over I/O)
+        self._flush_lock = threading.Lock()  # serializes bitmap writes: bitmap() .. write .. flushed()
+        self._ranges = RangeLocks()
+        self._ranges_cv = threading.Condition()  # guards self._ranges
+        self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
+        self._link_lock = threading.Lock()  # guards self.link and self.connected_since
+        self.link: Link | None = None
+        self._sync_wanted = threading.Event()
+        self._stop = threading.Event()
+        self._stats_lock = threading.Lock()
+        self.stats = dict.fromkeys(("reads", "writes", "deletes", "flushes", "activemap_updates", "read_errors",
+                                    "write_errors", "delete_errors", "flush_errors", "remote_errors",
+                                    "synced_bytes"), 0)  # fmt: skip
+        self.inflight = 0
+        self.sync_state = "idle"
+        # Single-threaded here: no lock needed yet. Everything marked on disk gets resynced.
+        self.am.copyin(metadata.read_bitmap(self.fd, self.am.mapsize))
+        if self.am.sync_pending_extents:
+            log.info("%d extents marked dirty on disk: they will be synchronized.", self.am.sync_pending_extents)
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def status(self) -> dict:
+        with self._am_lock:
+            dirty = self.am.dirty_bytes
+            tosync = self.am.sync_pending_bytes
+        link = self.link
+        with self._stats_lock:
+            stats = dict(self.stats)
+        return {
+            "role": "primary",
+            "status": "complete" if link is not None and not link.closed else "degraded",
+            "replication": self.mode,
+            "extentsize": self.md.extentsize,
+            "keepdirty": self.md.keepdirty,
+            "dirty": dirty,
+            "sync": {"state": self.sync_state, "pending": tosync, "synced": stats["synced_bytes"]},
+            "statistics": stats,
+            "queues": {
+                "local": self.pool._work_queue.qsize(),
+                "send": link.sendq.qsize() if link else 0,
+                "recv": len(link.pending) if link else 0,
+                "inflight": self.inflight,
+            },
+            "counters": {"resuid": self.md.resuid, "localcnt": self.md.localcnt, "remotecnt": self.md.remotecnt},
+        }
+
+    # -- metadata and bitmap --------------------------------------------------------------------
+
+    def write_md(self, **changes) -> None:
+        with self._md_lock:
+            self.md = replace(self.md, **changes)
+            metadata.write_metadata(self.fd, self.md)
+            localio.flush(self.fd)
+
+    def flush_bitmap(self, offset: int | None = None, length: int = 0, user: bool = False) -> None:
+        """Write the activemap image. With a range: only if those extents are not yet on disk.
+
+        Hazard: a write's data must not reach the disk before its extent's bit does, or a crash
+        leaves a modified extent that no one resyncs. Callers pass the write's range and wait.
+        """
+        with self._flush_lock:
+            with self._am_lock:
+                if offset is not None and self.am.on_disk(offset, length):
+                    return
+                if offset is None and not self.am.flush_needed():
+                    return
+                image = self.am.bitmap()
+            metadata.write_bitmap(self.fd, image)
+            if self.res.metaflush:
+                localio.flush(self.fd)
+            with self._am_lock:
+                self.am.flushed(image)
+        if user:
+            self.count("activemap_updates")
+
+    # -- user I/O entry (called by the NBD server) ----------------------------------------------
+
+    def submit(self, kind: str, offset: int, length: int, data, fua: bool, done) -> None:
+        """Start one NBD request; done(error_errno, data) is called exactly once."""
+        if kind == "read":
+            self._read(offset, length, done)
+        elif kind == "flush":
+            self._flush(done)
+        else:  # write, trim, zero: change data on both nodes
+            self._write(kind, offset, length, data, fua, done)
+
+    def _lock_range(self, kind: LockKind, offset: int, length: int):
+        with self._ranges_cv:
+            while (token := self._ranges.try_lock(kind, offset, length)) is None:
+                self._ranges_cv.wait()
+            return token
+
+    def _unlock_range(self, token) -> None:
+        with self._ranges_cv:
+            self._ranges.unlock(token)
+            self._ranges_cv.notify_all()
+
+    def _write(self, kind, offset, length, data, fua, done) -> None:
+        hio = Hio(kind, offset, length, data, fua, done)
+        hio.range_token = self._lock_range(LockKind.REGULAR, offset, length)
+        with self._am_lock:
+            needs_flush = self.am.write_start(offset, length)
+        if needs_flush:
+            try:
+                self.flush_bitmap(offset, length, user=True)
+            except OSError as exc:
+                log.error("Unable to write the activemap: %s.", exc.strerror)
+                self.count("write_errors")
+                with self._am_lock:
+                    self.am.write_complete(offset, length)
+                self._unlock_range(hio.range_token)
+                done(errno.EIO, None)
+                return
+        self.count("writes" if kind == "write" else "deletes")
+        with self._stats_lock:
+            self.inflight += 1
+        link = self.link
+        chunks = self._remote_chunks(offset, length, link) if link else []
+        # Without a link the remote half is one part that fails at once (and marks the range).
+        hio.remote_total = len(chunks) if link else 1
+        hio.parts = 1 + hio.remote_total
+        self.pool.submit(self._local_write, hio)
+        if not link:
+            self._remote_part_done(hio, errno.ENOTCONN)
+            return
+        cmd = msg.Cmd.WRITE if kind == "write" else msg.Cmd.DELETE
+        memsync = self.mode == "memsync" and link.version >= 2 and kind == "write"
+        for off, ln in chunks:
+            payload = None
+            if kind == "write":
+                payload = memoryview(data)[off - offset : off - offset + ln]
+            link.submit(cmd, off, ln, payload, memsync, self._remote_callback(hio))
+
+    @staticmethod
+    def _remote_chunks(offset: int, length: int, link: Link) -> list[tuple[int, int]]:
+        step = link.maxio
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    def _remote_callback(self, hio: Hio):
+        seen_received = False
+
+        def cb(error, received, _data):
+            nonlocal seen_received
+            if received:
+                seen_received = True
+                self._remote_received(hio)
+            else:
+                self._remote_part_done(hio, error, settled=not seen_received)
+
+        return cb
+
+    def _local_write(self, hio: Hio) -> None:
+        err = 0
+        try:
+            if hio.kind == "write":
+                localio.pwrite_full(self.fd, hio.data, self.localoff + hio.offset)
+            else:
+                localio.discard(self.fd, self.localoff + hio.offset, hio.length)
+            if hio.fua:
+                localio.flush(self.fd)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            self.count("write_errors" if hio.kind == "write" else "delete_errors")
+            log.error("Local %s at %d failed: %s.", hio.kind, hio.offset, exc.strerror)
+        with hio.lock:
+            hio.local_err = err
+            hio.parts -= 1
+            last = hio.parts == 0
+            ack = self._ack_due(hio)
+        self._after_part(hio, last, ack)
+
+    def _remote_received(self, hio: Hio) -> None:
+        with hio.lock:
+            hio.settled += 1
+            ack = self._ack_due(hio)
+        self._after_part(hio, False, ack)
+
+    def _remote_part_done(self, hio: Hio, error: int, settled: bool = True) -> None:
+        with hio.lock:
+            hio.settled += settled
+            if error:
+                hio.remote_ok = False
+                hio.remote_err = hio.remote_err or error
+            hio.parts -= 1
+            last = hio.parts == 0
+            ack = self._ack_due(hio)
+        self._after_part(hio, last, ack)
+
+    def _ack_due(self, hio: Hio) -> bool:
+        """Whether this request may be acknowledged now (call under hio.lock); marks it acked.
+
+        fullsync: local done and every remote chunk answered (or failed); memsync: local done and
+        every chunk at least received; async: local done. FUA waits for everything (then flushes).
+        """
+        if hio.acked or hio.local_err is None:
+            return False
+        if hio.fua or self.mode == "fullsync":
+            due = hio.parts == 0  # local is done, so every part left is remote
+        elif self.mode == "memsync":
+            due = hio.settled >= hio.remote_total
+        else:
+            due = True
+        if due:
+            hio.acked = True
+        return due
+
+    def _after_part(self, hio: Hio, last: bool, ack: bool) -> None:
+        if ack and not hio.fua:
+            self._reply_write(hio)
+        if last:
+            self._finish_write(hio)
+
+    def _reply_write(self, hio: Hio) -> None:
+        # A write succeeds if the local disk took it; a local failure is reported even when the
+        # remote succeeded (our local copy would be stale, and reads are served locally).
+        if not hio.remote_ok or self.link is None:
+            self._bump_localcnt_if_first()
+        hio.done(hio.local_err or 0, None)
+
+    def _finish_write(self, hio: Hio) -> None:
+        """Both halves are resolved: release the activemap reference and the range."""
+        remote_ok = hio.remote_ok and not hio.local_err
+        if not hio.remote_ok:
+            self.count("remote_errors")
+        with self._am_lock:
+            if not remote_ok:
+                self.am.need_sync(hio.offset, hio.length)
+            flush = self.am.write_complete(hio.offset, hio.length)
+        self._unlock_range(hio.range_token)
+        with self._stats_lock:
+            self.inflight -= 1
+        if not remote_ok:
+            self._sync_wanted.set()
+        if hio.fua:
+            self._flush(lambda err, _d: self._reply_fua(hio, err))
+        if flush:
+            try:
+                self.flush_bitmap(user=True)
+            except OSError as exc:
+                log.error("Unable to write the activemap: %s.", exc.strerror)
+
+    def _reply_fua(self, hio: Hio, flush_err: int) -> None:
+        if not hio.remote_ok or self.link is None:
+            self._bump_localcnt_if_first()
+        hio.done(hio.local_err or flush_err or 0, None)
+
+    def _bump_localcnt_if_first(self) -> None:
+        """hast.md §7.2: the first write acknowledged without the peer bumps localcnt, durably,
+        before the ack, so the next handshake knows this node has data the peer lacks."""
+        with self._md_lock:
+            new = syncdecide.localcnt_after_write(self.md.localcnt, self.peer.remotecnt)
+            if new == self.md.localcnt:
+                return
+            self.md = replace(self.md, localcnt=new)
+            metadata.write_metadata(self.fd, self.md)
+            localio.flush(self.fd)
+        log.info("Increasing localcnt to %d.", new)
+
+    def _read(self, offset: int, length: int, done) -> None:
+        self.count("reads")
+        link = self.link
+        if self.syncsrc == syncdecide.SYNCSRC_SECONDARY:
+            # This node is the stale side until the sync completes: read the peer's data (§6).
+            if link is None:
+                done(errno.ENOTCONN, None)
+                return
+            self._remote_read(link, offset, length, done)
+            return
+
+        def local():
+            try:
+                data = localio.pread_full(self.fd, length, self.localoff + offset)
+            except OSError as exc:
+                self.count("read_errors")
+                log.error("Local read at %d failed: %s; trying the remote.", offset, exc.strerror)
+                if self.link is None:
+                    done(exc.errno or errno.EIO, None)
+                else:
+                    self._remote_read(self.link, offset, length, done)
+                return
+            done(0, data)
+
+        self.pool.submit(local)
+
+    def _remote_read(self, link: Link, offset: int, length: int, done) -> None:
+        chunks = self._remote_chunks(offset, length, link)
+        parts: dict[int, bytes] = {}
+        state = {"left": len(chunks), "err": 0}
+        lock = threading.Lock()
+
+        def cb_for(off):
+            def cb(error, _received, data):
+                with lock:
+                    if error:
+                        state["err"] = state["err"] or error
+                    else:
+                        parts[off] = data
+                    state["left"] -= 1
+                    finished = state["left"] == 0
+                if finished:
+                    if state["err"]:
+                        done(state["err"], None)
+                    else:
+                        done(0, b"".join(parts[o] for o, _ in chunks))
+
+            return cb
+
+        for off, ln in chunks:
+            link.submit(msg.Cmd.READ, off, ln, None, False, cb_for(off))
+
+    def _flush(self, done) -> None:
+        """Durable on every connected node: local fdatasync and remote FLUSH, both answered."""
+        self.count("flushes")
+        link = self.link
+        state = {"left": 2 if link else 1, "err": 0}
+        lock = threading.Lock()
+
+        def part(err, _received=False, _data=None):
+            with lock:
+                state["left"] -= 1
+                if err and not state["err"]:
+                    state["err"] = err
+                finished = state["left"] == 0
+            if finished:
+                done(state["err"], None)
+
+        def local():
+            try:
+                localio.flush(self.fd)
+                part(0)
+            except OSError as exc:
+                self.count("flush_errors")
+                part(exc.errno or errno.EIO)
+
+        self.pool.submit(local)
+        if link:
+            # A remote that fails here is disconnected: its unconfirmed writes are already marked
+            # for resync, so the flush only has to be durable locally.
+            link.submit(msg.Cmd.FLUSH, 0, 0, None, False, lambda e, r, d: part(0 if e == errno.ENOTCONN else e))
+
+    # -- connection management ------------------------------------------------------------------
+
+    def on_disconnect(self, link: Link) -> None:
+        with self._link_lock:
+            if self.link is link:
+                self.link = None
+        self.channel.event("disconnect")
+
+    def handshake(self, timeout: float) -> Link:
+        """§4.1 from the primary's side. Raises RemoteError / HastError with hastd's messages."""
+        res = self.res
+        out = connect(res.remote, res.source, timeout)
+        inn = None
+        try:
+            hello = msg.Hello(resource=res.name, version=msg.PROTO_VERSION, maxio=const.MAXPHYS)
+            send_frame(out, msg.HELLO_FRAME_VERSION, hello.to_nv())
+            reply = msg.decode_hello_reply(recv_one(out, msg.PROTO_VERSION).nv)
+            if isinstance(reply, msg.ErrorReply):
+                raise WaitForPeer(reply.errmsg) if reply.wait else RemoteError(reply.errmsg)
+            version = reply.version
+            virgin = self.md.resuid == 0
+            resuid = self.md.resuid or (secrets.randbits(64) or 1)
+            inn = connect(res.remote, res.source, timeout)
+            inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
+                                  localcnt=self.md.localcnt, remotecnt=self.md.remotecnt)  # fmt: skip
+            send_frame(inn, version, inhello.to_nv())
+            frame = recv_one(out, version)
+            info = msg.decode_secondary_info(frame.nv)
+            if isinstance(info, msg.ErrorReply):
+                if info.errmsg == SPLIT_BRAIN_ERRMSG:
+                    log.error("Split-brain detected on the secondary: refusing to synchronize.")
+                    self.channel.event("split-brain")
+                raise RemoteError(info.errmsg)
+            if info.datasize != self.datasize or info.extentsize != self.md.extentsize:
+                raise RemoteError(f"Data size differs between nodes (local={self.datasize}, remote={info.datasize}).")
+            bitmap = b""
+            if len(frame.payload):
+                bitmap = pipeline.decode_payload(frame.payload, frame.nv)
+            maxio = msg.negotiate_maxio(version, const.MAXPHYS, info.maxio)
+        except BaseException:
+            out.close()
+            if inn is not None:
+                inn.close()
+            raise
+        if virgin:
+            self.write_md(resuid=resuid)
+        self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
+        self.syncsrc = info.syncsrc
+        with self._am_lock:
+            if bitmap:
+                # The peer sizes its map from its own provider (hast.md §11 caveat 6); only the
+                # bits of extents we have matter, so fit it to our map.
+                self.am.merge(bytes(bitmap[: self.am.mapsize]).ljust(self.am.mapsize, b"\0"))
+            self.am.sync_rewind()
+        self.flush_bitmap()
+        out.settimeout(res.timeout)
+        inn.settimeout(res.timeout)
+        return Link(self, out, inn, version, maxio)
+
+    def try_connect(self, timeout: float) -> str:
+        """"connected", "wait" (the peer is still primary) or "failed"."""
+        try:
+            link = self.handshake(timeout)
+        except WaitForPeer as exc:
+            log.info("%s Waiting.", exc)
+            return "wait"
+        except (OSError, HastError, RemoteError) as exc:
+            log.debug("Unable to connect to %s: %s", self.res.remote, exc)
+            return "failed"
+        with self._link_lock:
+            self.link = link
+        link.start()
+        log.info("Connected to %s (protocol %d, %s).", self.res.remote, link.version,
+                 "syncsrc=secondary" if self.syncsrc == syncdecide.SYNCSRC_SECONDARY else "syncsrc=primary")  # fmt: skip
+        self.channel.event("connect")
+        self._sync_wanted.set()
+        return "connected"
+
+    def guard(self) -> None:
+        while not self._stop.is_set():
+            if self.link is None:
+                self.try_connect(self.res.timeout)
+            self._stop.wait(RECONNECT_INTERVAL)
+
+    # -- synchronization ------------------------------------------------------------------------
+
+    def sync_loop(self) -> None:
+        while not self._stop.is_set():
+            self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            link = self.link
+            if link is None:
+                continue
+            self.sync_pass(link)
+
+    def sync_pass(self, link: Link) -> None:
+        with self._am_lock:
+            self.am.sync_rewind()
+            todo = self.am.sync_pending_bytes
+        if todo == 0:
+            self._sync_complete(link, 0, 0.0)
+            return
+        log.info("Synchronization started. %d bytes to go.", todo)
+        self.channel.event("syncstart")
+        self.sync_state = "running"
+        started = time.monotonic()
+        synced = 0
+        from_secondary = self.syncsrc == syncdecide.SYNCSRC_SECONDARY
+        while True:
+            if link.closed or self._stop.is_set():
+                log.warning("Synchronization interrupted after %d bytes synchronized so far.", synced)
+                self.sync_state = "interrupted"
+                self.channel.event("syncintr")
+                return
+            with self._am_lock:
+                chunk = self.am.sync_next()
+            if chunk is None:
+                break
+            token = self._lock_range(LockKind.SYNC, chunk.offset, chunk.length)
+            try:
+                ok = self._copy_chunk(link, chunk.offset, chunk.length, from_secondary)
+            finally:
+                self._unlock_range(token)
+            with self._am_lock:
+                if not ok:
+                    self.am.sync_failed(chunk.extent)
+                    flush = False
+                else:
+                    flush = chunk.last and self.am.extent_complete(chunk.extent)
+            if ok:
+                synced += chunk.length
+                self.count("synced_bytes", chunk.length)
+            if flush:
+                self.flush_bitmap()
+        self._sync_complete(link, synced, time.monotonic() - started)
+
+    def _copy_chunk(self, link: Link, offset: int, length: int, from_secondary: bool) -> bool:
+        result = {}
+        ev = threading.Event()
+
+        def cb(error, _received, data):
+            if _received:
+                return
+            result["err"], result["data"] = error, data
+            ev.set()
+
+        try:
+            if from_secondary:
+                link.submit(msg.Cmd.READ, offset, length, None, False, cb)
+                ev.wait()
+                if result["err"]:
+                    return False
+                localio.pwrite_full(self.fd, result["data"], self.localoff + offset)
+            else:
+                data = localio.pread_full(self.fd, length, self.localoff + offset)
+                link.submit(msg.Cmd.WRITE, offset, length, data, False, cb)
+                ev.wait()
+                if result["err"]:
+                    return False
+        except OSError as exc:
+            log.error("Synchronization of %d+%d failed locally: %s.", offset, length, exc.strerror)
+            return False
+        return True
+
+    def _sync_complete(self, link: Link, synced: int, seconds: float) -> None:
+        with self._am_lock:
+            if self.am.sync_pending_extents:
+                return  # some chunks failed; the next pass retries them
+        if synced:
+            rate = synced / seconds if seconds > 0 else 0
+            log.info("Synchronization complete. %d bytes synchronized in %.1f s (%d bytes/sec).", synced, seconds, rate)
+            self.channel.event("syncdone")
+        else:
+            log.info("Nodes are in sync.")
+        if link.closed:
+            return
+        self.syncsrc = syncdecide.SYNCSRC_UNDEF
+        self.sync_state = "done"
+        after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
+        if (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
+            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start_threads(self) -> None:
+        threading.Thread(target=self.guard, name="guard", daemon=True).start()
+        threading.Thread(target=self.sync_loop, name="sync", daemon=True).start()
+
+
+class WaitForPeer(Exception):
+    """The peer is still primary for the resource (hastd's `wait` reply)."""
+
+
+def run(res: Resource, spec: dict, channel: Channel) -> int:
+    try:
+        prov = open_provider(res.local)
+        prov.lock()
+        md = prov.read_metadata(res.name)
+    except HastError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    set_io_flusher()
+    if md.resuid == 0:
+        md = replace(md, localcnt=0, remotecnt=0)
+    md = replace(md, prevrole="primary")
+    metadata.write_metadata(prov.fd, md)
+    localio.flush(prov.fd)
+    p = Primary(res, prov, md, channel)
+    if res.remote != const.REMOTE_NONE:
+        deadline = time.monotonic() + res.timeout
+        while (outcome := p.try_connect(min(res.timeout, FIRST_CONNECT_TIMEOUT))) != "connected":
+            # hastd: retry a peer that says "wait" for up to `timeout` s, then start anyway.
+            if outcome != "wait" or time.monotonic() >= deadline:
+                log.warning("Unable to connect to %s: starting degraded.", res.remote)
+                break
+            time.sleep(WAIT_RETRY)
+    listener = socket.socket(fileno=spec["fds"]["nbd"])
+    channel.serve_status(p.status)
+    drop_privileges()
+    p.start_threads()
+    channel.event("ready", socket=spec.get("nbd_path"))
+    export = nbdserver.ExportConfig(name=res.name, max_block_size=NBD_MAX_BLOCK)
+    frontend = NbdFrontend(p)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=nbdserver.serve_connection, args=(conn, frontend, export), daemon=True).start()
+
+
+class NbdFrontend:
+    """The primary as the NBD server's AsyncBackend: NBD requests in, NBD errors out."""
+
+    def __init__(self, p: Primary):
+        self.p = p
+        self.size = p.datasize
+
+    def submit(self, request, done) -> None:
+        kind = request.kind
+        Command = nbdcodec.Command
+
+        def finish(err, data=None):
+            if err:
+                done(error=nbdcodec.nbd_error(err))
+            else:
+                done(error=0, data=data if data is not None else b"")
+
+        if kind == Command.READ:
+            self.p.submit("read", request.offset, request.length, None, False, finish)
+        elif kind == Command.WRITE:
+            self.p.submit("write", request.offset, request.length, request.data, request.fua, finish)
+        elif kind in (Command.TRIM, Command.WRITE_ZEROES):
+            # Both zero the range on both nodes (localio.discard guarantees zeros), so replicas
+            # stay equal whatever the client asked to be deallocated.
+            self.p.submit("trim", request.offset, request.length, None, request.fua, finish)
+        elif kind == Command.FLUSH:
+            self.p.submit("flush", 0, 0, None, False, finish)
+        else:
+            done(error=nbdcodec.nbd_error(errno.EINVAL))
+

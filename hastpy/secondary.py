@@ -1,0 +1,255 @@
+"""The secondary worker: answer the primary's handshake, then apply its requests to the local disk.
+
+Threads and where requests go:
+- `recv` (this module's main loop): frames from the primary's *out* connection -> validated
+  requests -> memsync early ack (if asked) -> the disk pool;
+- disk pool (DISK_THREADS): pread/pwrite/discard/fdatasync on the provider -> final reply;
+- replies leave on the primary's *in* connection, serialized by `_send_lock`, in completion order
+  (the primary matches them by seq).
+
+Ordering contract: the primary never has two overlapping writes in flight (its range lock), so
+the pool may reorder writes; a FLUSH is a barrier: it waits for every write received before it.
+The secondary never serves I/O to anyone but its primary.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from hastpy import constants as const
+from hastpy import localio, metadata, syncdecide
+from hastpy.config import Resource
+from hastpy.errors import HastError, RemoteProtocolError
+from hastpy.proto import messages as msg
+from hastpy.proto import pipeline
+from hastpy.provider import open_provider
+from hastpy.transport import FrameStream, send_frame
+from hastpy.worker import Channel, drop_privileges
+
+log = logging.getLogger("hastd")
+
+# Concurrent disk I/Os; hastd has one disk thread (queue depth 1), which caps throughput.
+DISK_THREADS = 8
+# hast.md §4.2: the secondary's receive socket times out after twice the keepalive interval.
+RECV_TIMEOUT = 2 * const.KEEPALIVE_INTERVAL
+# Fault injection for tests of the acknowledgement point: while the file this variable names
+# exists, disk writes wait (after the memsync "received" ack has gone out). Unset in production.
+TEST_HOLD_ENV = "HASTPY_TEST_HOLD_DISK"
+_HOLD_POLL = 0.01
+
+
+class Secondary:
+    def __init__(self, res: Resource, prov, md: metadata.Metadata, reqsock, repsock, version: int, maxio: int, channel: Channel):
+        self.res = res
+        self.prov = prov
+        self.fd = prov.fd
+        self.md = md
+        self.localoff = md.offset
+        self.reqsock = reqsock
+        self.repsock = repsock
+        self.version = version
+        self.maxio = maxio
+        self.channel = channel
+        self._send_lock = threading.Lock()  # guards repsock: whole frames, never interleaved
+        self._inflight_cv = threading.Condition()  # guards _inflight (writes/deletes on the pool)
+        self._inflight = 0
+        self._queued = 0  # requests on the pool, for `queues: local`
+        self._bitmap_cleared = False
+        self.stats = {k: 0 for k in ("reads", "writes", "deletes", "flushes", "read_errors", "write_errors", "delete_errors", "flush_errors")}
+        self.pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk")
+        self._hold_path = os.environ.get(TEST_HOLD_ENV)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {
+            "role": "secondary",
+            "status": "complete",
+            "statistics": dict(self.stats),
+            "queues": {"local": self._queued, "send": 0, "recv": 0, "done": 0, "idle": 0},
+            "extentsize": self.md.extentsize,
+            "keepdirty": 0,
+            "dirty": 0,
+        }
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def reply(self, seq: int, error: int = 0, received: bool = False, data: bytes | None = None) -> None:
+        nv = msg.Reply(seq=seq, error=error, received=received).to_nv()
+        payload = None
+        if data is not None and not error:
+            payload = pipeline.encode_payload(data, self.res.compression, self.res.checksum, nv)
+        with self._send_lock:
+            send_frame(self.repsock, self.version, nv, payload)
+
+    # -- disk work (pool threads) ---------------------------------------------------------------
+
+    def _done_inflight(self) -> None:
+        with self._inflight_cv:
+            self._inflight -= 1
+            self._inflight_cv.notify_all()
+
+    def _io(self, req: msg.Request, data) -> None:
+        self._queued -= 1
+        error, out = 0, None
+        try:
+            if req.cmd == msg.Cmd.READ:
+                out = localio.pread_full(self.fd, req.length, self.localoff + req.offset)
+            elif req.cmd == msg.Cmd.WRITE:
+                self._test_hold()
+                localio.pwrite_full(self.fd, data, self.localoff + req.offset)
+            elif req.cmd == msg.Cmd.DELETE:
+                localio.discard(self.fd, self.localoff + req.offset, req.length)
+            else:
+                localio.flush(self.fd)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            kind = {msg.Cmd.READ: "read", msg.Cmd.WRITE: "write", msg.Cmd.DELETE: "delete"}.get(req.cmd, "flush")
+            self.stats[f"{kind}_errors"] += 1
+            log.error("Local %s at offset %d failed: %s.", kind, req.offset, exc.strerror)
+        finally:
+            if req.cmd in (msg.Cmd.WRITE, msg.Cmd.DELETE):
+                self._done_inflight()
+        try:
+            self.reply(req.seq, error, data=out)
+        except OSError:
+            pass  # the receive loop sees the broken connection and ends the worker
+
+    def _test_hold(self) -> None:
+        while self._hold_path and os.path.exists(self._hold_path):
+            time.sleep(_HOLD_POLL)
+
+    # -- receive loop ---------------------------------------------------------------------------
+
+    def _clear_bitmap_once(self) -> None:
+        # hastd zeroes the secondary's bitmap at the first request after a connect: from then on
+        # the primary owns the dirty state (it merged our bitmap at the handshake).
+        if not self._bitmap_cleared:
+            metadata.write_bitmap(self.fd, bytes(self.localoff - const.METADATA_SIZE))
+            localio.flush(self.fd)
+            self._bitmap_cleared = True
+
+    def handle(self, frame) -> None:
+        req = msg.Request.from_nv(frame.nv)
+        if req.cmd == msg.Cmd.KEEPALIVE:
+            return
+        err = msg.validate_request(req, self.md.datasize, self.prov.sectorsize, self.maxio)
+        if err:
+            log.warning("Invalid request (cmd=%d offset=%d length=%d): replying EINVAL.", req.cmd, req.offset, req.length)
+            self.reply(req.seq, err)
+            return
+        self._clear_bitmap_once()
+        data = None
+        if req.cmd == msg.Cmd.WRITE:
+            data = pipeline.decode_payload(frame.payload, frame.nv)
+            if len(data) != req.length:
+                self.reply(req.seq, errno.EINVAL)
+                return
+            self.stats["writes"] += 1
+            if req.memsync:
+                self.reply(req.seq, received=True)
+        elif req.cmd == msg.Cmd.READ:
+            self.stats["reads"] += 1
+        elif req.cmd == msg.Cmd.DELETE:
+            self.stats["deletes"] += 1
+        else:
+            self.stats["flushes"] += 1
+            with self._inflight_cv:  # FLUSH is a barrier behind every earlier write
+                self._inflight_cv.wait_for(lambda: self._inflight == 0)
+        if req.cmd in (msg.Cmd.WRITE, msg.Cmd.DELETE):
+            with self._inflight_cv:
+                self._inflight += 1
+        self._queued += 1
+        self.pool.submit(self._io, req, data)
+
+    def serve(self) -> int:
+        stream = FrameStream(self.reqsock, self.version, self.maxio)
+        self.reqsock.settimeout(RECV_TIMEOUT)
+        try:
+            while True:
+                self.handle(stream.recv())
+        except TimeoutError:
+            log.warning("No request from the primary for %d s: disconnecting.", RECV_TIMEOUT)
+        except (ConnectionError, OSError) as exc:
+            log.warning("Connection to the primary lost: %s.", exc)
+        except RemoteProtocolError as exc:
+            log.error("Protocol error from the primary: %s; disconnecting.", exc)
+        self.channel.event("disconnect")
+        self.pool.shutdown(wait=True)
+        return os.EX_TEMPFAIL
+
+
+def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
+    """Decide the sync direction (hast.md §7.2), answer the primary; None when refused."""
+    d = syncdecide.decide(
+        secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt),
+        primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"]),
+        virgin=hs.get("virgin", False),
+    )
+    if d.refused:
+        if d.outcome == syncdecide.Outcome.SPLIT_BRAIN:
+            log.error(syncdecide.SPLIT_BRAIN_LOG)
+            channel.event("split-brain")
+        else:
+            log.error("%s", d.errmsg)
+        send_frame(reqsock, version, msg.ErrorReply(d.errmsg).to_nv())
+        return None
+    if d.adopt_resuid:
+        md = replace(md, resuid=d.adopt_resuid)
+    md = replace(md, prevrole="secondary")
+    metadata.write_metadata(prov.fd, md)
+    localio.flush(prov.fd)
+    mapsize = md.offset - const.METADATA_SIZE
+    if d.bitmap == syncdecide.BitmapReply.NONE:
+        bitmap = b""
+    elif d.bitmap == syncdecide.BitmapReply.ALL_ONES:
+        bitmap = b"\xff" * mapsize
+    else:
+        bitmap = metadata.read_bitmap(prov.fd, mapsize)
+    maxio = msg.negotiate_maxio(version, hs.get("maxio"), const.MAXPHYS)
+    info = msg.SecondaryInfo(
+        datasize=md.datasize,
+        extentsize=md.extentsize,
+        localcnt=md.localcnt,
+        remotecnt=md.remotecnt,
+        virgin=d.reply_virgin,
+        syncsrc=d.syncsrc,
+        mapsize=len(bitmap),
+        maxio=const.MAXPHYS if version >= msg.PROTO_VERSION_MAXIO else None,
+    )
+    nv = info.to_nv(version)
+    payload = pipeline.encode_payload(bitmap, res.compression, res.checksum, nv) if bitmap else None
+    send_frame(reqsock, version, nv, payload)
+    log.info("Connected to the primary (syncsrc=%s).", {1: "primary", 2: "secondary"}.get(d.syncsrc, "undef"))
+    return md, maxio
+
+
+def run(res: Resource, spec: dict, channel: Channel) -> int:
+    fds = spec["fds"]
+    reqsock = socket.socket(fileno=fds["out"])
+    repsock = socket.socket(fileno=fds["in"])
+    version = spec["version"]
+    try:
+        prov = open_provider(res.local)
+        prov.lock()
+        md = prov.read_metadata(res.name)
+    except HastError as exc:
+        log.error("%s", exc)
+        send_frame(reqsock, version, msg.ErrorReply(str(exc)).to_nv())
+        return exc.exit_code
+    done = _handshake(res, prov, md, spec["handshake"], reqsock, version, channel)
+    if done is None:
+        return os.EX_CONFIG
+    md, maxio = done
+    channel.event("connect")
+    sec = Secondary(res, prov, md, reqsock, repsock, version, maxio, channel)
+    channel.serve_status(sec.status)
+    drop_privileges()
+    return sec.serve()

@@ -1,0 +1,151 @@
+"""Who syncs from whom at connect, and how the primary moves its counters (hast.md §7.2).
+
+Each node stores (resuid, localcnt, remotecnt). localcnt counts the node's own periods of writing
+without its peer; remotecnt is what it last knew of the peer's localcnt. The secondary compares its
+counters with the primary's at the handshake (secondary.c init_remote) and either names the sync
+source, or refuses: a different resource (resuid mismatch) or both sides written apart
+(split-brain).
+The secondary never changes its counters; only the primary moves them, with the two helpers below.
+"""
+
+import enum
+import os
+from dataclasses import dataclass
+
+from hastpy.errors import RemoteProtocolError
+
+# Sync source, as numbered on the wire (hast.h HAST_SYNCSRC_*).
+SYNCSRC_UNDEF = 0
+SYNCSRC_PRIMARY = 1
+SYNCSRC_SECONDARY = 2
+
+# resuid and the counters are uint64 in the metadata and on the wire.
+_UINT64_MAX = (1 << 64) - 1
+
+# Texts hastd uses; the primary recognises SPLIT_BRAIN_ERRMSG verbatim and fires its own hook.
+SPLIT_BRAIN_ERRMSG = "Split-brain condition!"
+SPLIT_BRAIN_LOG = "Split-brain detected, exiting."
+RESUID_MISMATCH_ERRMSG = "Resource unique ID mismatch (primary={primary}, secondary={secondary})."
+
+
+class Outcome(enum.Enum):
+    """Which row of the §7.2 table matched."""
+
+    ADOPT_RESUID = 1  # row 1: the secondary was just created
+    RESUID_MISMATCH = 2  # row 2: the providers belong to different resources
+    SYNC_FROM_SECONDARY = 3  # row 3: the primary is out of date
+    IN_SYNC = 4  # row 4
+    SYNC_FROM_PRIMARY = 5  # row 5: the secondary is out of date
+    SPLIT_BRAIN = 6  # row 6: both nodes were written while apart
+    INCONSISTENT = 7  # row 7: "should never happen"; full sync
+
+
+class BitmapReply(enum.Enum):
+    """What the secondary sends after its handshake reply."""
+
+    NONE = "none"  # nothing: a virgin pair has nothing to sync
+    ALL_ONES = "all-ones"  # every extent: full sync
+    ON_DISK = "on-disk"  # the secondary's own on-disk activemap
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One node's view: its resource unique ID and its two counters, each a uint64."""
+
+    resuid: int
+    localcnt: int
+    remotecnt: int
+
+    def __post_init__(self):
+        for name in ("resuid", "localcnt", "remotecnt"):
+            value = getattr(self, name)
+            if not 0 <= value <= _UINT64_MAX:
+                raise ValueError(f"{name} {value} is not a uint64")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The secondary's answer to a handshake.
+
+    A refusal (``errmsg`` set) means: reply with ``errmsg``, then exit with ``exit_code``
+    (EX_CONFIG); ``syncsrc`` is UNDEF and ``bitmap`` is None. Otherwise reply with ``syncsrc`` (and
+    ``virgin`` if ``reply_virgin``), write ``adopt_resuid`` into the metadata first if it is set,
+    and send ``bitmap``.
+    """
+
+    outcome: Outcome
+    syncsrc: int
+    bitmap: BitmapReply | None
+    errmsg: str | None = None
+    exit_code: int | None = None
+    adopt_resuid: int | None = None
+    reply_virgin: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return self.errmsg is not None
+
+
+def decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
+    """Apply §7.2's table. ``virgin`` is whether the primary sent the virgin flag.
+
+    RemoteProtocolError if the primary's resuid is 0: it generates one before its first connect.
+    """
+    if primary.resuid == 0:
+        raise RemoteProtocolError("primary sent resuid 0")
+    if secondary.resuid == 0:
+        return _adopt(primary.resuid, virgin)
+    if secondary.resuid != primary.resuid:
+        text = RESUID_MISMATCH_ERRMSG.format(primary=primary.resuid, secondary=secondary.resuid)
+        return _refuse(Outcome.RESUID_MISMATCH, text)
+    return _compare_counters(secondary, primary)
+
+
+def _adopt(resuid: int, virgin: bool) -> Decision:
+    # Without the virgin flag the primary's disk holds data this fresh secondary lacks.
+    bitmap = BitmapReply.NONE if virgin else BitmapReply.ALL_ONES
+    return Decision(
+        Outcome.ADOPT_RESUID, SYNCSRC_PRIMARY, bitmap, adopt_resuid=resuid, reply_virgin=True
+    )
+
+
+def _refuse(outcome: Outcome, errmsg: str) -> Decision:
+    return Decision(outcome, SYNCSRC_UNDEF, None, errmsg=errmsg, exit_code=os.EX_CONFIG)
+
+
+def _compare_counters(s: Counters, p: Counters) -> Decision:
+    secondary_wrote_alone = s.localcnt > p.remotecnt
+    primary_wrote_alone = p.localcnt > s.remotecnt
+    secondary_caught_up = s.localcnt == p.remotecnt
+    primary_caught_up = s.remotecnt == p.localcnt
+    if secondary_wrote_alone and primary_caught_up:
+        return Decision(Outcome.SYNC_FROM_SECONDARY, SYNCSRC_SECONDARY, BitmapReply.ON_DISK)
+    if secondary_caught_up and primary_caught_up:
+        return Decision(Outcome.IN_SYNC, SYNCSRC_PRIMARY, BitmapReply.ON_DISK)
+    if secondary_caught_up and primary_wrote_alone:
+        return Decision(Outcome.SYNC_FROM_PRIMARY, SYNCSRC_PRIMARY, BitmapReply.ON_DISK)
+    if secondary_wrote_alone and primary_wrote_alone:
+        return _refuse(Outcome.SPLIT_BRAIN, SPLIT_BRAIN_ERRMSG)
+    # A counter went backwards; nothing can be trusted, so copy everything from the newer side.
+    syncsrc = SYNCSRC_SECONDARY if secondary_wrote_alone else SYNCSRC_PRIMARY
+    return Decision(Outcome.INCONSISTENT, syncsrc, BitmapReply.ALL_ONES)
+
+
+def localcnt_after_write(localcnt: int, peer_remotecnt: int) -> int:
+    """The primary's localcnt after a write made while disconnected.
+
+    ``peer_remotecnt`` is the secondary's remotecnt learned at the last handshake. The first such
+    write of an outage bumps localcnt; after that localcnt no longer equals peer_remotecnt, so
+    calling this on every disconnected write bumps at most once per outage. Write the metadata
+    (before the data write) whenever the result differs from ``localcnt``.
+    """
+    if localcnt != peer_remotecnt:
+        return localcnt
+    if localcnt == _UINT64_MAX:
+        raise ValueError("localcnt would overflow uint64")
+    return localcnt + 1
+
+
+def counters_after_sync(primary: Counters, secondary: Counters) -> Counters:
+    """The primary's counters once a sync has completed: it now agrees with the secondary's view."""
+    return Counters(primary.resuid, localcnt=secondary.remotecnt, remotecnt=secondary.localcnt)

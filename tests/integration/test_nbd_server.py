@@ -1,0 +1,517 @@
+"""The NBD export over a real unix socket: our client, backends, and real clients (libnbd, qemu)."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from hastpy.errors import LocalProtocolError, RemoteProtocolError
+from hastpy.nbd import Command, ExportConfig, FileBackend, Request, serve_unix
+from hastpy.nbd.client import NBDClient, OptionRefused
+from hastpy.nbd.server import InFlightWindow, UnixServer
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+TIMEOUT = 10  # seconds any single client operation may take before the test fails
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)  # sparse
+    return path
+
+
+@pytest.fixture
+def backend(disk):
+    with FileBackend(disk) as fb:
+        yield fb
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    return str(tmp_path / "nbd.sock")
+
+
+@pytest.fixture
+def server(sock_path, backend):
+    with serve_unix(sock_path, lambda: backend, ExportConfig(name="data")) as srv:
+        yield srv
+
+
+def connect(path, name="data"):
+    return NBDClient.connect_unix(path, name, timeout=TIMEOUT)
+
+
+def uri(path, name=""):
+    return f"nbd+unix:///{name}?socket={path}"
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+# --- our client against a file -------------------------------------------------------------------
+
+
+def test_random_writes_read_back(server, sock_path, disk):
+    rng = random.Random(1)
+    with connect(sock_path) as client:
+        assert client.size == SIZE
+        assert client.block_sizes == (512, 4096, 32 * MiB)
+        for _ in range(50):
+            length = rng.randrange(1, 257) * 512
+            offset = rng.randrange(0, (SIZE - length) // 512) * 512
+            data = rng.randbytes(length)
+            client.pwrite(offset, data, fua=rng.random() < 0.2)
+            assert client.pread(offset, length) == data
+        client.flush()
+    with open(disk, "rb") as f:  # later writes may overlap earlier ones: check the last one
+        f.seek(offset)
+        assert f.read(length) == data
+
+
+def test_largest_block_round_trips(server, sock_path):
+    data = os.urandom(32 * MiB)
+    with connect(sock_path) as client:
+        client.pwrite(0, data)
+        assert client.pread(0, 32 * MiB) == data
+
+
+def test_pipelined_requests(server, sock_path):
+    blocks = {i: os.urandom(64 * 1024) for i in range(128)}
+    with connect(sock_path) as client:
+        handles = [client.submit(Command.WRITE, i * 64 * 1024, data=d) for i, d in blocks.items()]
+        assert client.in_flight == 128
+        assert all(client.reply(h).error == 0 for h in handles)
+        reads = {client.submit(Command.READ, i * 64 * 1024, 64 * 1024): i for i in blocks}
+        for handle, i in reads.items():
+            assert client.reply(handle).check() == blocks[i]
+
+
+def test_trim_and_write_zeroes(server, sock_path, disk):
+    with connect(sock_path) as client:
+        client.pwrite(0, b"\xff" * 4 * MiB)
+        client.flush()
+        allocated = os.stat(disk).st_blocks
+        client.trim(0, 2 * MiB, fua=True)
+        assert os.stat(disk).st_blocks < allocated  # a punched hole
+        client.write_zeroes(2 * MiB, MiB, may_trim=False)
+        client.write_zeroes(3 * MiB, MiB, fua=True)
+        assert client.pread(2 * MiB, 2 * MiB) == bytes(2 * MiB)
+
+
+def test_refused_requests_keep_the_connection(server, sock_path):
+    with connect(sock_path) as client:
+        with pytest.raises(OSError) as unaligned:
+            client.pread(1, 512)
+        assert unaligned.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as past_end:
+            client.pwrite(SIZE, b"x" * 512)
+        assert past_end.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as unknown:
+            client.reply(client.submit(Command.CACHE, 0, 512)).check()
+        assert unknown.value.errno == errno.EINVAL
+        client.pwrite(0, b"y" * 512)
+        assert client.pread(0, 512) == b"y" * 512
+
+
+def test_unknown_export_is_refused(server, sock_path):
+    with pytest.raises(OptionRefused) as refused:
+        connect(sock_path, "nope")
+    assert refused.value.reply_type == 0x80000006
+
+
+def test_default_export_name(server, sock_path):
+    with connect(sock_path, "") as client:
+        assert client.size == SIZE
+
+
+def test_read_only_export(sock_path, backend):
+    with serve_unix(sock_path, lambda: backend, ExportConfig(read_only=True)):
+        with connect(sock_path, "") as client:
+            assert client.read_only
+            with pytest.raises(OSError) as refused:
+                client.pwrite(0, b"x" * 512)
+            assert refused.value.errno == errno.EPERM
+            assert client.pread(0, 512) == bytes(512)
+
+
+def test_sparse_file_shorter_than_export_reads_zeroes(tmp_path, sock_path):
+    path = tmp_path / "short.img"
+    path.write_bytes(b"z" * 1000)
+    with FileBackend(path, size=MiB) as fb, serve_unix(sock_path, lambda: fb):
+        with connect(sock_path, "") as client:
+            assert client.pread(0, 2048) == b"z" * 1000 + bytes(1048)
+
+
+def test_bad_magic_closes_only_that_connection(server, sock_path):
+    with connect(sock_path) as good:
+        bad = connect(sock_path)
+        bad._sock.sendall(b"\xde\xad\xbe\xef" + bytes(24))
+        assert bad._sock.recv(1) == b""  # the server hung up
+        bad.close()
+        assert good.pread(0, 512) == bytes(512)
+
+
+def test_client_that_leaves_mid_request(server, sock_path):
+    client = connect(sock_path)
+    client._sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 4096) + b"partial")
+    client.close()
+    wait_until(lambda: server.connection_count == 0)
+
+
+# --- the asynchronous backend interface -----------------------------------------------------------
+
+
+class HeldBackend:
+    """An AsyncBackend that parks requests until the test completes them."""
+
+    size = SIZE
+
+    def __init__(self):
+        self.held: list[tuple[Request, object]] = []
+        self.cond = threading.Condition()
+
+    def submit(self, request, done):
+        with self.cond:
+            self.held.append((request, done))
+            self.cond.notify_all()
+
+    def wait_for(self, n):
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.held) >= n, TIMEOUT)
+
+    def complete(self, index, error=0, data=b"default"):
+        with self.cond:
+            request, done = self.held.pop(index)
+        if data == b"default":
+            is_read = request.kind == Command.READ
+            data = bytes([request.handle % 256]) * request.length if is_read else b""
+        done(error, data)
+
+
+def test_replies_go_out_in_completion_order(sock_path):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held), connect(sock_path, "") as client:
+        handles = [client.submit(Command.READ, i * 512, 512) for i in range(3)]
+        held.wait_for(3)
+        for _ in range(3):
+            held.complete(-1)  # newest first
+        replies = [client.next_reply() for _ in range(3)]
+        assert [r.handle for r in replies] == handles[::-1]
+        assert all(r.data == bytes([r.handle]) * 512 for r in replies)
+
+
+def test_backpressure_bounds_requests_in_flight(sock_path):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held, max_in_flight=4), connect(sock_path, "") as client:
+        handles = [client.submit(Command.FLUSH) for _ in range(10)]
+        held.wait_for(4)
+        time.sleep(0.2)
+        assert len(held.held) == 4  # the receive loop is blocked, not queueing
+        for _ in range(10):
+            held.wait_for(1)
+            held.complete(0)
+        assert all(client.reply(h).error == 0 for h in handles)
+
+
+def test_in_flight_window_counts_bytes():
+    window = InFlightWindow(max_requests=10, max_bytes=1000)
+    window.acquire(5000)  # an empty window admits any single request
+    admitted = threading.Event()
+    threading.Thread(target=lambda: (window.acquire(1), admitted.set()), daemon=True).start()
+    assert not admitted.wait(0.1)
+    window.release(5000)
+    assert admitted.wait(TIMEOUT)
+    window.release(1)
+    assert window.wait_empty(0)
+
+
+def test_disc_waits_for_requests_in_flight(sock_path):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held) as srv:
+        client = connect(sock_path, "")
+        handle = client.submit(Command.WRITE, 0, data=b"w" * 512)
+        client.submit(Command.DISC)
+        held.wait_for(1)
+        time.sleep(0.1)
+        assert srv.connection_count == 1  # still finishing the write
+        held.complete(0)
+        assert client.reply(handle).error == 0
+        assert client._sock.recv(1) == b""
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "error,data,expected",
+    [
+        (errno.ENOSPC, b"", errno.ENOSPC),
+        (errno.ENOENT, b"", errno.EIO),  # not an NBD error: mapped
+        (0, b"short", errno.EIO),  # a READ reply of the wrong length is never sent
+        (0, None, errno.EIO),
+    ],
+)
+def test_backend_errors_become_nbd_errors(sock_path, error, data, expected):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held), connect(sock_path, "") as client:
+        handle = client.submit(Command.READ, 0, 512)
+        held.wait_for(1)
+        held.complete(0, error, data)
+        assert client.reply(handle).error == expected
+
+
+def test_blocking_backend_exceptions(sock_path):
+    class Broken:
+        size = SIZE
+
+        def pread(self, offset, length):
+            raise ValueError("bug")
+
+        def flush(self):
+            raise OSError(errno.EROFS, "read-only file system")
+
+    with serve_unix(sock_path, Broken, workers=0), connect(sock_path, "") as client:
+        assert client.reply(client.submit(Command.READ, 0, 512)).error == errno.EIO
+        assert client.reply(client.submit(Command.FLUSH)).error == errno.EPERM
+
+
+def test_completing_twice_is_a_bug(sock_path):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held), connect(sock_path, "") as client:
+        client.submit(Command.FLUSH)
+        held.wait_for(1)
+        request, done = held.held[0]
+        done(0)
+        with pytest.raises(LocalProtocolError, match="completed twice"):
+            done(0)
+
+
+# --- the listener ----------------------------------------------------------------------------------
+
+
+def test_stop_disconnects_clients_and_removes_the_socket(sock_path, backend):
+    srv = UnixServer(sock_path, lambda: backend).start()
+    client = connect(sock_path, "")
+    wait_until(lambda: srv.connection_count == 1)
+    started = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - started < 5
+    assert not os.path.exists(sock_path)
+    with pytest.raises((RemoteProtocolError, OSError)):
+        client.pread(0, 512)
+    client.close()
+
+
+def test_stale_socket_is_replaced_other_files_are_not(sock_path, backend):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock_path)
+    stale.close()
+    with serve_unix(sock_path, lambda: backend), connect(sock_path, "") as client:
+        assert client.size == SIZE
+    with open(sock_path, "w") as f:
+        f.write("not a socket")
+    with pytest.raises(FileExistsError):
+        serve_unix(sock_path, lambda: backend)
+
+
+def test_socket_mode(sock_path, backend):
+    with serve_unix(sock_path, lambda: backend, mode=0o660):
+        assert os.stat(sock_path).st_mode & 0o777 == 0o660
+
+
+def test_many_clients_at_once(server, sock_path):
+    def worker(i):
+        with connect(sock_path) as client:
+            data = bytes([i]) * 4096
+            client.pwrite(i * 4096, data)
+            assert client.pread(i * 4096, 4096) == data
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    wait_until(lambda: server.connection_count == 0)
+
+
+# --- real clients ------------------------------------------------------------------------------------
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+
+
+def run(*argv):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def test_nbdinfo_json(server, sock_path):
+    need("nbdinfo")
+    info = json.loads(run("nbdinfo", "--json", uri(sock_path)))
+    assert info["protocol"] == "newstyle-fixed"
+    assert info["structured"] is False
+    (export,) = info["exports"]
+    assert export["export-size"] == SIZE
+    assert export["is_read_only"] is False
+    assert export["can_flush"] and export["can_fua"] and export["can_trim"] and export["can_zero"]
+    assert export["can_multi_conn"] is False
+    assert (export["block_size_minimum"], export["block_size_preferred"]) == (512, 4096)
+    assert export["block_size_maximum"] == 32 * MiB
+
+
+def test_nbdinfo_read_only_and_multi_conn(sock_path, backend):
+    need("nbdinfo")
+    config = ExportConfig(name="data", read_only=True, multi_conn=True)
+    with serve_unix(sock_path, lambda: backend, config):
+        (export,) = json.loads(run("nbdinfo", "--json", uri(sock_path, "data")))["exports"]
+    assert export["is_read_only"] is True
+    assert export["can_multi_conn"] is True
+
+
+def test_nbdinfo_list(server, sock_path):
+    need("nbdinfo")
+    assert 'export="data"' in run("nbdinfo", "--list", uri(sock_path))
+
+
+def test_nbdcopy_round_trip(server, sock_path, tmp_path, disk):
+    need("nbdcopy")
+    src, out = tmp_path / "src.img", tmp_path / "out.img"
+    src.write_bytes(os.urandom(SIZE))
+    run("nbdcopy", str(src), uri(sock_path))
+    run("nbdcopy", uri(sock_path), str(out))
+    assert sha256(src) == sha256(out) == sha256(disk)
+
+
+def test_qemu_img_convert_and_compare(server, sock_path, tmp_path):
+    need("qemu-img")
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(8 * MiB) + bytes(SIZE - 8 * MiB))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri(sock_path))
+    info = json.loads(run("qemu-img", "info", "--output=json", uri(sock_path)))
+    assert info["virtual-size"] == SIZE
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri(sock_path))
+
+
+# --- failure paths ---------------------------------------------------------------------------------
+
+
+def test_submit_raising_becomes_eio(sock_path):
+    class Raising:
+        size = SIZE
+
+        def submit(self, request, done):
+            raise RuntimeError("backend bug")
+
+    with serve_unix(sock_path, Raising), connect(sock_path, "") as client:
+        assert client.reply(client.submit(Command.FLUSH)).error == errno.EIO
+
+
+def test_factory_failure_drops_only_that_connection(sock_path, backend):
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "provider not ready")
+        return backend
+
+    with serve_unix(sock_path, factory) as srv:
+        with pytest.raises((RemoteProtocolError, OSError)):
+            connect(sock_path, "")
+        with connect(sock_path, "") as client:
+            assert client.size == SIZE
+        wait_until(lambda: srv.connection_count == 0)
+
+
+def test_reply_to_a_departed_client_is_dropped(sock_path):
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held) as srv:
+        client = connect(sock_path, "")
+        client.submit(Command.READ, 0, MiB)
+        held.wait_for(1)
+        client.close()
+        wait_until(lambda: srv.connection_count == 1)
+        held.complete(0)  # the send fails: logged, and the connection winds down
+        wait_until(lambda: srv.connection_count == 0)
+
+
+def test_serve_connection_on_a_socketpair(backend):
+    from hastpy.nbd.server import serve_connection
+
+    ours, theirs = socket.socketpair()
+    thread = threading.Thread(target=serve_connection, args=(ours, backend), kwargs={"workers": 0})
+    thread.start()
+    client = NBDClient(theirs)
+    client.pwrite(512, b"p" * 512)
+    assert client.pread(512, 512) == b"p" * 512
+    client.disconnect()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+def test_file_backend_without_fallocate_writes_zeroes(disk, monkeypatch):
+    with FileBackend(disk) as fb:
+        monkeypatch.setattr(fb, "_fallocate", lambda mode, offset, length: False)
+        fb.pwrite(0, b"\x01" * (3 * MiB), fua=False)
+        fb.write_zeroes(512, 2 * MiB + 512, fua=True, may_trim=True)
+        fb.trim(0, 512, fua=True)  # a hint that cannot be honoured: nothing happens
+        data = fb.pread(0, 3 * MiB)
+    assert data == b"\x01" * 512 + bytes(2 * MiB + 512) + b"\x01" * (MiB - 1024)
+
+
+def test_file_backend_fallocate_errors_surface(disk):
+    # "Not supported" falls back quietly; any other failure is the client's error reply.
+    with FileBackend(disk, read_only=True) as fb:
+        with pytest.raises(OSError) as err:
+            fb.trim(0, 512, fua=False)
+    assert err.value.errno == errno.EBADF
+
+
+def test_file_backend_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        FileBackend(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "canned,match",
+    [
+        (b"NBDMAGIC" + b"\x00" * 10, "newstyle"),
+        (b"NBDMAGICIHAVEOPT\x00\x00", "fixed newstyle"),
+        (b"NBDMAGICIHAVEOPT\x00\x03" + bytes(20), "bad option reply"),
+        (
+            b"NBDMAGICIHAVEOPT\x00\x03" + bytes.fromhex("0003e889045565a9 00000007 00000001 00000000"),
+            "INFO_EXPORT",
+        ),
+        (b"NBDMAGICIHAVEOPT\x00", "closed"),
+    ],
+)
+def test_client_rejects_broken_servers(canned, match):
+    ours, theirs = socket.socketpair()
+    ours.sendall(canned)
+    ours.shutdown(socket.SHUT_WR)  # EOF after the canned bytes; the client can still send
+    with pytest.raises(RemoteProtocolError, match=match):
+        NBDClient(theirs)
+    theirs.close()
+    ours.close()

@@ -1,0 +1,199 @@
+"""Replication end to end: real hastd pairs, NBD clients, providers compared byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import MiB, sha, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _random_writes(client, size, count, seed, max_len=256 * 1024):
+    rng = random.Random(seed)
+    written = []
+    for _ in range(count):
+        length = rng.randrange(1, max_len // 512 + 1) * 512
+        offset = rng.randrange(0, (size - length) // 512 + 1) * 512
+        data = rng.randbytes(length)
+        client.pwrite(offset, data)
+        written.append((offset, data))
+    return written
+
+
+def test_random_writes_land_on_both_disks(make_pair):
+    pair = make_pair().start()
+    c = pair.a.client()
+    _random_writes(c, c.size, 200, seed=1)
+    c.flush()
+    c.disconnect()
+    a, b = pair.a.data(), pair.b.data()
+    assert sha(a) == sha(b)
+    st = pair.a.status()
+    assert st["statistics"]["writes"] == 200
+    assert st["statistics"]["flushes"] == 1
+    assert st["status"] == "complete"
+
+
+@pytest.mark.skipif(shutil.which("nbdcopy") is None, reason="nbdcopy (libnbd-bin) not installed")
+def test_nbdcopy_round_trip(make_pair, tmp_path):
+    pair = make_pair().start()
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(24 * MiB))
+    uri = f"nbd+unix:///data?socket={pair.a.nbd_socket}"
+    subprocess.run(["nbdcopy", str(src), uri], check=True, timeout=120)
+    back = tmp_path / "back.img"
+    subprocess.run(["nbdcopy", "--flush", uri, str(back)], check=True, timeout=120)
+    assert back.read_bytes()[: 24 * MiB] == src.read_bytes()
+    assert pair.b.data()[: 24 * MiB] == src.read_bytes()
+    info = json.loads(subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, check=True).stdout)
+    datasize = json.loads(pair.a.hastctl("dump", "--json").stdout)[0]["datasize"]
+    export = info["exports"][0]
+    assert export["export-size"] == datasize
+    assert export["can_flush"] and export["can_fua"] and export["can_trim"] and export["can_zero"]
+
+
+def _secondary_worker(pair):
+    return wait_for(lambda: pair.b.worker_pids(), what="secondary worker")[0]
+
+
+@pytest.mark.parametrize("mode,acks_without_secondary", [("fullsync", False), ("memsync", False), ("async", True)])
+def test_ack_point_per_mode(make_pair, mode, acks_without_secondary):
+    """The secondary's worker is stopped (SIGSTOP): only async may acknowledge a write."""
+    pair = make_pair(replication=mode).start()
+    c = pair.a.client()
+    c.pwrite(0, b"x" * 4096)  # warm up: extent marked, connection busy-path exercised
+    pid = _secondary_worker(pair)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        waiter = _ReplyWaiter(c, c.submit(c_kind_write(), 8192, 4096, b"y" * 4096))
+        acked = waiter.within(1.5)
+        assert acked == acks_without_secondary
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert waiter.within(10)
+    c.disconnect()
+    assert pair.b.data()[8192:12288] == b"y" * 4096
+
+
+def c_kind_write():
+    from hastpy.nbd.codec import Command
+
+    return Command.WRITE
+
+
+class _ReplyWaiter:
+    """Waits for one reply on its own thread, so a test can ask "acked yet?" more than once."""
+
+    def __init__(self, client, handle):
+        self.box = {}
+        self.thread = threading.Thread(target=lambda: self.box.update(reply=client.reply(handle)), daemon=True)
+        self.thread.start()
+
+    def within(self, seconds: float) -> bool:
+        self.thread.join(seconds)
+        if self.thread.is_alive():
+            return False
+        self.box["reply"].check()
+        return True
+
+
+def test_memsync_acks_after_receipt_before_disk_write(make_pair):
+    """With the secondary's disk writes held (test hook), memsync acks and fullsync does not."""
+    for mode, expect in (("memsync", True), ("fullsync", False)):
+        pair = make_pair(replication=mode)
+        gate = pair.b.dir / "hold-disk"
+        pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
+        pair.start()
+        c = pair.a.client()
+        gate.touch()
+        try:
+            waiter = _ReplyWaiter(c, c.submit(c_kind_write(), 0, 4096, b"m" * 4096))
+            assert waiter.within(1.5) == expect, mode
+        finally:
+            gate.unlink()
+        assert waiter.within(10)
+        c.disconnect()
+        pair.stop()
+
+
+def test_resync_moves_only_dirty_extents(make_pair):
+    pair = make_pair(size=256 * MiB).start()
+    pair.b.role("init")  # the secondary goes away
+    wait_for(lambda: pair.a.status()["status"] == "degraded", what="degraded")
+    c = pair.a.client()
+    extent = pair.a.status()["extentsize"]
+    # Three extents' worth of writes in three distinct extents far apart.
+    for i, ext in enumerate((3, 40, 99)):
+        c.pwrite(ext * extent + 4096, os.urandom(64 * 1024))
+    c.flush()
+    st = pair.a.status()
+    assert st["sync"]["pending"] == 3 * extent
+    pair.b.role("secondary")
+    st = pair.wait_synced()
+    assert st["sync"]["synced"] == 3 * extent
+    c.disconnect()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_primary_kill9_mid_write_then_resync(make_pair):
+    pair = make_pair(size=128 * MiB).start()
+    stop = threading.Event()
+
+    def writer():
+        try:
+            c = pair.a.client()
+            rng = random.Random(7)
+            while not stop.is_set():
+                off = rng.randrange(0, 128 * MiB // 4096 - 64) * 4096
+                c.pwrite(off, rng.randbytes(64 * 1024))
+        except Exception:  # noqa: BLE001 - the server is killed under us
+            pass
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(1.5)
+    for pid in pair.a.worker_pids():
+        os.kill(pid, signal.SIGKILL)  # the primary worker dies mid-write
+    stop.set()
+    t.join(5)
+    # The supervisor restarts the worker; it resyncs what its on-disk activemap marked.
+    wait_for(lambda: pair.a.status().get("workerpid"), what="primary restarted")
+    pair.wait_synced()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_split_brain_detected_and_refused(make_pair, tmp_path):
+    log = tmp_path / "hooks.log"
+    hook = tmp_path / "hook.sh"
+    hook.write_text(f"#!/bin/sh\necho \"$(hostname) $*\" >> {log}\n")
+    hook.chmod(0o755)
+    pair = make_pair(exec=str(hook)).start()
+    c = pair.a.client()
+    c.pwrite(0, b"1" * 4096)
+    c.disconnect()
+    # Apart: both become primary and both write.
+    pair.b.role("init")
+    wait_for(lambda: pair.a.status()["status"] == "degraded", what="degraded")
+    pair.b.hastctl("role", "primary", "data")
+    wait_for(lambda: pair.b.status().get("workerpid"), what="b primary")
+    for node, byte in ((pair.a, b"A"), (pair.b, b"B")):
+        cl = node.client()
+        cl.pwrite(8192, byte * 4096)
+        cl.flush()
+        cl.disconnect()
+    a_before, b_before = pair.a.data(), pair.b.data()
+    pair.b.role("secondary")  # reconnect: the counters show both wrote alone
+    wait_for(lambda: log.exists() and log.read_text().count("split-brain data") >= 2, what="split-brain hooks on both")
+    assert pair.a.status()["status"] == "degraded"
+    time.sleep(1)
+    assert pair.a.data() == a_before and pair.b.data() == b_before

@@ -1,0 +1,206 @@
+"""The §7.2 decision table, row by row, and the primary's counter rules."""
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hastpy.errors import RemoteProtocolError
+from hastpy.syncdecide import (
+    RESUID_MISMATCH_ERRMSG,
+    SPLIT_BRAIN_ERRMSG,
+    SPLIT_BRAIN_LOG,
+    SYNCSRC_PRIMARY,
+    SYNCSRC_SECONDARY,
+    SYNCSRC_UNDEF,
+    BitmapReply,
+    Counters,
+    Decision,
+    Outcome,
+    counters_after_sync,
+    decide,
+    localcnt_after_write,
+)
+
+UID = 0x1234_5678_9ABC_DEF0
+U64 = (1 << 64) - 1
+
+
+def s(local, remote, resuid=UID):
+    return Counters(resuid, local, remote)
+
+
+p = s  # the primary's counters are built the same way
+
+
+def test_syncsrc_wire_values():
+    assert (SYNCSRC_UNDEF, SYNCSRC_PRIMARY, SYNCSRC_SECONDARY) == (0, 1, 2)
+
+
+def test_messages_are_hastds():
+    assert SPLIT_BRAIN_ERRMSG == "Split-brain condition!"
+    assert SPLIT_BRAIN_LOG == "Split-brain detected, exiting."
+
+
+@pytest.mark.parametrize("virgin,bitmap", [(True, BitmapReply.NONE), (False, BitmapReply.ALL_ONES)])
+def test_row1_fresh_secondary_adopts_resuid(virgin, bitmap):
+    d = decide(s(0, 0, resuid=0), p(3, 1), virgin)
+    assert (d.outcome, d.syncsrc, d.bitmap) == (Outcome.ADOPT_RESUID, SYNCSRC_PRIMARY, bitmap)
+    assert (d.adopt_resuid, d.reply_virgin, d.errmsg) == (UID, True, None)
+    assert not d.refused
+
+
+def test_row1_ignores_the_fresh_secondarys_counters():
+    d = decide(s(7, 9, resuid=0), p(0, 0), True)
+    assert d.outcome is Outcome.ADOPT_RESUID
+
+
+def test_row2_resuid_mismatch():
+    d = decide(s(1, 1, resuid=5), p(1, 1, resuid=18446744073709551615), False)
+    assert d.outcome is Outcome.RESUID_MISMATCH
+    assert d.errmsg == "Resource unique ID mismatch (primary=18446744073709551615, secondary=5)."
+    assert d.errmsg == RESUID_MISMATCH_ERRMSG.format(primary=U64, secondary=5)
+    assert d.refused
+    assert d.exit_code == os.EX_CONFIG
+    assert (d.syncsrc, d.bitmap, d.adopt_resuid) == (SYNCSRC_UNDEF, None, None)
+    assert not d.reply_virgin
+
+
+def test_row3_primary_out_of_date():
+    d = decide(s(4, 2), p(2, 3), False)
+    assert d == Decision(Outcome.SYNC_FROM_SECONDARY, SYNCSRC_SECONDARY, BitmapReply.ON_DISK)
+
+
+@pytest.mark.parametrize("virgin", [False, True])
+def test_row4_in_sync_still_exchanges_bitmap(virgin):
+    d = decide(s(3, 2), p(2, 3), virgin)
+    assert d == Decision(Outcome.IN_SYNC, SYNCSRC_PRIMARY, BitmapReply.ON_DISK)
+
+
+def test_row5_secondary_out_of_date():
+    d = decide(s(3, 2), p(5, 3), False)
+    assert d == Decision(Outcome.SYNC_FROM_PRIMARY, SYNCSRC_PRIMARY, BitmapReply.ON_DISK)
+
+
+def test_row6_split_brain():
+    d = decide(s(4, 2), p(3, 3), False)
+    assert d.outcome is Outcome.SPLIT_BRAIN
+    assert d.errmsg == "Split-brain condition!"
+    assert d.exit_code == os.EX_CONFIG
+    assert (d.syncsrc, d.bitmap) == (SYNCSRC_UNDEF, None)
+
+
+@pytest.mark.parametrize(
+    "sec,pri,syncsrc",
+    [
+        (s(4, 5), p(2, 3), SYNCSRC_SECONDARY),  # S.local > P.remote, S.remote > P.local
+        (s(1, 2), p(2, 3), SYNCSRC_PRIMARY),  # S.local < P.remote, S.remote == P.local
+        (s(1, 0), p(2, 3), SYNCSRC_PRIMARY),  # S.local < P.remote, S.remote < P.local
+        (s(3, 5), p(2, 3), SYNCSRC_PRIMARY),  # S.local == P.remote, S.remote > P.local
+    ],
+)
+def test_row7_should_never_happen_is_a_full_sync(sec, pri, syncsrc):
+    d = decide(sec, pri, False)
+    assert d == Decision(Outcome.INCONSISTENT, syncsrc, BitmapReply.ALL_ONES)
+
+
+def test_primary_without_resuid_is_a_protocol_error():
+    with pytest.raises(RemoteProtocolError):
+        decide(s(0, 0, resuid=0), p(0, 0, resuid=0), True)
+
+
+@pytest.mark.parametrize("args", [(-1, 0, 0), (1, -1, 0), (1, 0, U64 + 1)])
+def test_counters_are_uint64(args):
+    with pytest.raises(ValueError):
+        Counters(*args)
+
+
+def test_counters_accept_uint64_extremes():
+    assert Counters(U64, 0, U64).remotecnt == U64
+
+
+def test_localcnt_bumps_once_per_outage():
+    localcnt = 4
+    peer_remotecnt = 4  # in sync at the last handshake
+    for _ in range(5):
+        localcnt = localcnt_after_write(localcnt, peer_remotecnt)
+    assert localcnt == 5
+
+
+def test_localcnt_not_bumped_when_already_ahead():
+    assert localcnt_after_write(6, 4) == 6
+
+
+def test_localcnt_overflow_refused():
+    with pytest.raises(ValueError):
+        localcnt_after_write(U64, U64)
+
+
+def test_counters_after_sync_copy_the_secondarys_view():
+    assert counters_after_sync(p(5, 3), s(3, 4)) == Counters(UID, 4, 3)
+
+
+def test_outage_then_sync_then_in_sync():
+    pri, sec = p(0, 0), s(0, 0)
+    assert decide(sec, pri, False).outcome is Outcome.IN_SYNC
+    pri = Counters(pri.resuid, localcnt_after_write(pri.localcnt, sec.remotecnt), pri.remotecnt)
+    assert decide(sec, pri, False).outcome is Outcome.SYNC_FROM_PRIMARY
+    # The secondary is promoted during a second outage and writes too: split-brain.
+    bumped = localcnt_after_write(sec.localcnt, pri.remotecnt)
+    promoted = Counters(sec.resuid, bumped, sec.remotecnt)
+    assert decide(promoted, pri, False).outcome is Outcome.SPLIT_BRAIN
+    # Without that, the sync completes and the pair is in sync again.
+    pri = counters_after_sync(pri, sec)
+    assert decide(sec, pri, False).outcome is Outcome.IN_SYNC
+
+
+# --- every combination gets exactly one well-defined answer ---------------------------------------
+
+small = st.integers(0, 4)
+
+
+def matching_rows(sec: Counters, pri: Counters) -> list[Outcome]:
+    rows = {
+        Outcome.SYNC_FROM_SECONDARY: sec.localcnt > pri.remotecnt and sec.remotecnt == pri.localcnt,
+        Outcome.IN_SYNC: sec.localcnt == pri.remotecnt and sec.remotecnt == pri.localcnt,
+        Outcome.SYNC_FROM_PRIMARY: sec.localcnt == pri.remotecnt and sec.remotecnt < pri.localcnt,
+        Outcome.SPLIT_BRAIN: sec.localcnt > pri.remotecnt and pri.localcnt > sec.remotecnt,
+    }
+    return [outcome for outcome, hit in rows.items() if hit]
+
+
+@given(sl=small, sr=small, pl=small, pr=small, virgin=st.booleans())
+def test_every_counter_combination_has_one_answer(sl, sr, pl, pr, virgin):
+    sec, pri = s(sl, sr), p(pl, pr)
+    d = decide(sec, pri, virgin)
+    rows = matching_rows(sec, pri)
+    assert len(rows) <= 1, "table rows 3-6 must not overlap"
+    assert d.outcome is (rows[0] if rows else Outcome.INCONSISTENT)
+    if d.refused:
+        assert d.outcome is Outcome.SPLIT_BRAIN
+        assert (d.syncsrc, d.bitmap, d.exit_code) == (SYNCSRC_UNDEF, None, os.EX_CONFIG)
+    else:
+        assert d.syncsrc in (SYNCSRC_PRIMARY, SYNCSRC_SECONDARY)
+        assert d.bitmap in (BitmapReply.ON_DISK, BitmapReply.ALL_ONES)
+        assert d.exit_code is None
+    assert d.adopt_resuid is None and not d.reply_virgin
+
+
+@given(
+    sec=st.builds(Counters, st.integers(0, U64), st.integers(0, U64), st.integers(0, U64)),
+    pri=st.builds(Counters, st.integers(1, U64), st.integers(0, U64), st.integers(0, U64)),
+    virgin=st.booleans(),
+)
+def test_any_input_gets_a_decision(sec, pri, virgin):
+    d = decide(sec, pri, virgin)
+    assert isinstance(d.outcome, Outcome)
+    assert d.refused == (d.outcome in (Outcome.RESUID_MISMATCH, Outcome.SPLIT_BRAIN))
+
+
+@given(sl=small, sr=small, pl=small, pr=small)
+def test_sync_leaves_the_pair_in_sync(sl, sr, pl, pr):
+    sec, pri = s(sl, sr), p(pl, pr)
+    d = decide(sec, pri, False)
+    if not d.refused:
+        assert decide(sec, counters_after_sync(pri, sec), False).outcome is Outcome.IN_SYNC
