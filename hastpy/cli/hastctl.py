@@ -33,7 +33,7 @@ def _select(cfg: cfgmod.Config, names: tuple[str, ...]) -> list[cfgmod.Resource]
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="hastctl", context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Control the Highly Available Storage daemon (hastd)."""
 

@@ -25,7 +25,7 @@ def _setup_logging(debug: int, foreground: bool) -> None:
         logging.basicConfig(level=level, handlers=[handler])
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="hastd", context_settings={"help_option_names": ["-h", "--help"]})
 @config_option
 @node_option
 @debug_option

@@ -32,7 +32,9 @@ def load_config(config_path: str, node: str | None) -> cfgmod.Config:
 
 
 def fail(message: str, code: int) -> None:
-    click.echo(f"{os.path.basename(sys.argv[0]) or 'hast'}: {message}", err=True)
+    ctx = click.get_current_context(silent=True)
+    prog = ctx.find_root().info_name if ctx else os.path.basename(sys.argv[0])
+    click.echo(f"{prog}: {message}", err=True)
     sys.exit(code)
 
 

@@ -85,6 +85,7 @@ class Node:
         return cp
 
     def start(self) -> None:
+        (self.dir / "ctl").unlink(missing_ok=True)  # a killed hastd leaves its socket file
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(BIN / "hastd"), "-F", "-d", "-c", str(self.conf), "-n", self.name],
