@@ -8,13 +8,16 @@ error's code is returned, as hastctl does.
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
+import sys
 
 import click
 
 from hastpy import config as cfgmod
 from hastpy import constants as const
-from hastpy import control, metadata, provider
+from hastpy import control, failover, hookscripts, metadata, provider
 from hastpy.cli.options import config_option, debug_option, fail, load_config, node_option, reports_errors
 from hastpy.errors import HastError, UsageError
 
@@ -203,6 +206,101 @@ def status(config_path, node, debug, as_json, names) -> None:
     """Terse state of each resource, from the running hastd."""
     rows = _status(config_path, node, names)
     click.echo(json.dumps(rows, indent=2) if as_json else format_status(rows), nl=not not as_json)
+
+
+def _target(mount: str | None, fstype: str, options: str) -> failover.Target:
+    return failover.Target(mountpoint=mount, fstype=fstype, options=options)
+
+
+mount_options = [
+    click.option("--mount", "mount", default=None, metavar="DIR", help="Mount point (default: none, device only)."),
+    click.option("--fstype", default="ext4", show_default=True, help="Filesystem type on the device."),
+    click.option("--options", "mount_opts", default="defaults", show_default=True, help="Mount options."),
+]
+
+
+def _with_mount_options(fn):
+    for opt in reversed(mount_options):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@config_option
+@node_option
+@_with_mount_options
+@click.option("--peer-wait", default=failover.PEER_WAIT, show_default=True, help="Seconds to wait for the remote primary to go away.")
+@click.argument("name")
+@reports_errors
+def promote(config_path, node, mount, fstype, mount_opts, peer_wait, name) -> None:
+    """Failover: become primary, wait for the device, fsck, mount (what VIP up-hooks run)."""
+    _log_to_stderr_and_syslog()
+    fo = failover.Failover(load_config(config_path, node), name, {"peer": peer_wait})
+    fo.promote(_target(mount, fstype, mount_opts))
+
+
+@cli.command()
+@config_option
+@node_option
+@_with_mount_options
+@click.option("--force", is_flag=True, help="Kill processes using the mount point instead of refusing.")
+@click.argument("name")
+@reports_errors
+def demote(config_path, node, mount, fstype, mount_opts, force, name) -> None:
+    """Failover: stop a running promote, unmount, become secondary (what VIP down-hooks run)."""
+    _log_to_stderr_and_syslog()
+    fo = failover.Failover(load_config(config_path, node), name)
+    fo.demote(_target(mount, fstype, mount_opts), force=force)
+
+
+@cli.command("render-hooks")
+@config_option
+@node_option
+@click.argument("kind", type=click.Choice(sorted(hookscripts.KINDS)))
+@click.option("--out", "outdir", required=True, type=click.Path(file_okay=False), help="Directory to write the scripts to.")
+@click.option("--vip", required=True, metavar="ADDR/PREFIX", help="The virtual IP, e.g. 10.99.0.100/24.")
+@click.option("--interface", required=True, help="Interface carrying the VIP.")
+@click.option("--mount", "mounts", multiple=True, metavar="RES:DIR[:FSTYPE]", help="Mount a resource on promote.")
+@click.option("--priority", default=100, show_default=True, help="keepalived priority.")
+@click.option("--advert-int", default=1.0, show_default=True, help="keepalived advert interval (< 1 uses VRRPv3).")
+@click.option("--hastctl", "hastctl_path", default=None, help="hastctl path in the scripts (default: this one).")
+@reports_errors
+def render_hooks(config_path, node, kind, outdir, vip, interface, mounts, priority, advert_int, hastctl_path) -> None:
+    """Write ucarp or keepalived hook scripts that call `hastctl promote` / `demote`."""
+    cfg = load_config(config_path, node)
+    addr, _, prefix = vip.partition("/")
+    if not prefix.isdigit():
+        raise UsageError(f"--vip needs a prefix length, e.g. {addr}/24")
+    by_name = {}
+    for spec in mounts:
+        name, _, rest = spec.partition(":")
+        directory, _, fstype = rest.partition(":")
+        if not directory:
+            raise UsageError(f"--mount {spec!r}: expected RES:DIR[:FSTYPE]")
+        by_name[name] = hookscripts.HookResource(name, directory, fstype or "ext4")
+    resources = tuple(by_name.get(r.name, hookscripts.HookResource(r.name)) for r in _select(cfg, ()))
+    settings = hookscripts.HookSettings(
+        hastctl=hastctl_path or os.path.join(os.path.dirname(os.path.realpath(sys.argv[0])), "hastctl"),
+        config=os.path.abspath(config_path), resources=resources, vip=addr, vip_prefix=int(prefix),
+        interface=interface, node=node, priority=priority, advert_int=advert_int,
+        notify_script=os.path.join(os.path.abspath(outdir), "notify.sh"),
+    )  # fmt: skip
+    os.makedirs(outdir, exist_ok=True)
+    for fname, text in hookscripts.render(kind, settings).items():
+        path = os.path.join(outdir, fname)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755 if fname.endswith(".sh") else 0o644)
+        click.echo(path)
+
+
+def _log_to_stderr_and_syslog() -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if os.path.exists("/dev/log"):
+        syslog = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_LOCAL0)
+        syslog.setFormatter(logging.Formatter("hast: %(message)s"))
+        handlers.append(syslog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s hast %(message)s", handlers=handlers)
 
 
 def main() -> None:
