@@ -28,6 +28,7 @@ pidfile {dir}/{node}/pid
 listen {ip}:8457
 replication fullsync
 resource data {{
+    attach none
     on node-a {{
         local {dir}/node-a/disk
         remote 127.0.99.2

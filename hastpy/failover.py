@@ -33,6 +33,9 @@ PEER_WAIT = 30.0
 DEVICE_WAIT = 30.0
 FSCK_TIMEOUT = 600.0  # a journal replay is seconds; a full check of a large ext4 takes minutes
 MOUNT_TIMEOUT = 120.0
+# A forced demote gives a plain unmount this long before it drops the role under it: writes
+# stuck waiting for a peer that vanished would otherwise hold it for the replication timeout.
+FORCED_UMOUNT_WAIT = 3.0
 POLL = 0.05
 PEER_POLL = 0.5  # the remote primary's connection drops within the secondary's receive timeout
 # Where a running promote records its pid, so a demote can stop it (ucarp_down.sh kills
@@ -91,8 +94,11 @@ class Failover:
         reply = control.call(self.control_path, {"cmd": "status", "resources": [self.res.name]})
         return reply["resources"][0]
 
-    def set_role(self, role: str) -> None:
-        control.call(self.control_path, {"cmd": "role", "role": role, "resources": [self.res.name]})
+    def set_role(self, role: str, force: bool = False) -> None:
+        reply = control.call(self.control_path, {"cmd": "role", "role": role, "resources": [self.res.name], "force": force})
+        err = reply["resources"][0].get("error")
+        if err:
+            raise (Busy if reply["resources"][0].get("busy") else FailoverError)(f"{self.res.name}: {err}")
 
     # -- promote --------------------------------------------------------------------------------
 
@@ -161,36 +167,56 @@ class Failover:
 
     def demote(self, target: Target, force: bool = False) -> None:
         _stop_promote(self.res.name, self.step)
+        dropped = False
         if target.mountpoint and _mounted_at(target.mountpoint):
-            self._umount(target.mountpoint, force)
+            dropped = self._umount(target.mountpoint, force)
         st = self.status()
         if st["role"] == "secondary":
             self.step("Already secondary.")
         else:
             self.step("Setting role to secondary.")
-            self.set_role("secondary")
+            self.set_role("secondary", force=force or dropped)
         self.step("Demoted.")
 
-    def _umount(self, mountpoint: str, force: bool) -> None:
+    def _umount(self, mountpoint: str, force: bool) -> bool:
+        """Unmount; True if the role had to be dropped first (forced) to let it finish."""
         self.step("Unmounting %s.", mountpoint)
-        cp = _run(["umount", mountpoint], MOUNT_TIMEOUT)
-        if cp.returncode == 0:
-            return
+        cp = _run(["umount", mountpoint], MOUNT_TIMEOUT if not force else FORCED_UMOUNT_WAIT, check_timeout=not force)
+        if cp is not None and cp.returncode == 0:
+            return False
         if not force:
             raise Busy(f"{self.res.name}: {mountpoint} is busy ({cp.stderr.strip()}); use --force to kill its users")
-        self.step("Killing the processes using %s, then unmounting.", mountpoint)
+        # Forced: this node is losing the service. Kill the users; if the unmount still cannot
+        # finish (writes waiting on a peer that is gone), drop the role so that they fail
+        # instead of being acknowledged here alone, then detach the mount.
+        self.step("Killing the processes using %s.", mountpoint)
         _run(["fuser", "-km", mountpoint], MOUNT_TIMEOUT)
-        cp = _run(["umount", mountpoint], MOUNT_TIMEOUT)
-        if cp.returncode:
-            raise Busy(f"{self.res.name}: {mountpoint} could not be unmounted: {cp.stderr.strip()}")
+        proc = subprocess.Popen(["umount", mountpoint], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            if proc.wait(FORCED_UMOUNT_WAIT) == 0:
+                return False
+        except subprocess.TimeoutExpired:
+            pass
+        self.step("Unmount blocked or refused: giving up the role by force, then detaching %s.", mountpoint)
+        self.set_role("secondary", force=True)
+        try:
+            proc.wait(MOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if _mounted_at(mountpoint):
+            _run(["umount", "-l", mountpoint], MOUNT_TIMEOUT)
+        return True
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run(argv: list[str], timeout: float, check_timeout: bool = True) -> subprocess.CompletedProcess | None:
+    """Run a command; a timeout is an error, or None when check_timeout is False."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise FailoverError(f"{argv[0]}: command not found") from None
     except subprocess.TimeoutExpired:
+        if not check_timeout:
+            return None
         raise FailoverError(f"{' '.join(argv)} did not finish within {timeout:g} s") from None
 
 

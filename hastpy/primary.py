@@ -34,14 +34,14 @@ from hastpy import constants as const
 from hastpy import localio, metadata, syncdecide
 from hastpy.activemap import ActiveMap
 from hastpy.config import Resource
-from hastpy.errors import HastError, ProtocolError
+from hastpy.errors import HastError, ProtocolError, ProviderError
 from hastpy.nbd import codec as nbdcodec
 from hastpy.nbd import server as nbdserver
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
 from hastpy.rangelock import LockKind, RangeLocks
-from hastpy.transport import FrameStream, connect, recv_one, send_frame
+from hastpy.transport import FrameStream, connect, recv_one, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges, set_io_flusher
 
 log = logging.getLogger("hastd")
@@ -77,7 +77,11 @@ class Link:
         self._lock = threading.Lock()
         self.pending: dict[int, object] = {}
         self.closed = False
-        self.sendq: queue.Queue = queue.Queue(SEND_QUEUE_MAX)
+        # Requests for the send thread. Unbounded so that no thread ever blocks putting into it
+        # (the receive thread queues FUA flushes: blocking it could deadlock the link); what is
+        # in flight is bounded upstream, by the NBD window and the one-chunk-at-a-time sync.
+        self.sendq: queue.SimpleQueue = queue.SimpleQueue()
+        self._send_lock = threading.Lock()  # guards `out`: whole frames, never interleaved
         self._seq = itertools.count(2)  # seq 1 is hastd's sync seq; ours are unique
         self.last_send = time.monotonic()
 
@@ -85,15 +89,37 @@ class Link:
         threading.Thread(target=self._send_loop, name="remote-send", daemon=True).start()
         threading.Thread(target=self._recv_loop, name="remote-recv", daemon=True).start()
 
-    def submit(self, cmd: int, offset: int, length: int, data, memsync: bool, callback) -> None:
-        """Queue a request; callback(error_errno, received, data) runs on reply or failure."""
+    def submit(self, cmd: int, offset: int, length: int, data, memsync: bool, callback, inline: bool = False) -> None:
+        """Send a request; callback(error_errno, received, data) runs on reply or failure.
+
+        inline: send it from this thread (the NBD receive thread does, for user writes: one
+        thread hand-off less per request) instead of queueing it for the send thread. Only a
+        thread that nothing on the reply path waits for may do that: never the receive thread.
+        A failed inline send closes the link, which fails every pending request, this one too.
+        """
         seq = next(self._seq)
         with self._lock:
             if self.closed:
                 callback(errno.ENOTCONN, False, None)
                 return
             self.pending[seq] = callback
-        self.sendq.put((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
+        req = msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync)
+        if not inline:
+            self.sendq.put((req, data))
+            return
+        try:
+            self._send(req, data)
+        except (OSError, ProtocolError) as exc:
+            self.close(f"send failed: {exc}")
+
+    def _send(self, req: msg.Request, data) -> None:
+        nv = req.to_nv()
+        payload = None
+        if data is not None:
+            payload = pipeline.encode_payload(data, self.p.res.compression, self.p.res.checksum, nv)
+        with self._send_lock:
+            send_frame(self.out, self.version, nv, payload)
+            self.last_send = time.monotonic()
 
     def close(self, why: str) -> None:
         with self._lock:
@@ -107,32 +133,27 @@ class Link:
             except OSError:
                 pass
             s.close()
-        try:
-            self.sendq.put_nowait(None)
-        except queue.Full:
-            pass
+        self.sendq.put(None)
         log.warning("Disconnected from %s: %s.", self.p.res.remote, why)
         for cb in pending.values():
             cb(errno.ENOTCONN, False, None)
         self.p.on_disconnect(self)
 
     def _send_loop(self) -> None:
-        res = self.p.res
         try:
             while not self.closed:
                 try:
                     item = self.sendq.get(timeout=const.KEEPALIVE_INTERVAL)
                 except queue.Empty:
-                    send_frame(self.out, self.version, msg.Request.keepalive().to_nv())
+                    # Keepalive only if nothing at all went out (inline sends count) for that long.
+                    if time.monotonic() - self.last_send >= const.KEEPALIVE_INTERVAL:
+                        with self._send_lock:
+                            send_frame(self.out, self.version, msg.Request.keepalive().to_nv())
+                            self.last_send = time.monotonic()
                     continue
                 if item is None:
                     return
-                req, data = item
-                nv = req.to_nv()
-                payload = None
-                if data is not None:
-                    payload = pipeline.encode_payload(data, res.compression, res.checksum, nv)
-                send_frame(self.out, self.version, nv, payload)
+                self._send(*item)
         except (OSError, ProtocolError) as exc:
             self.close(f"send failed: {exc}")
 
@@ -206,6 +227,7 @@ class Primary:
         self.am = ActiveMap(md.datasize, md.extentsize, md.keepdirty, prov.sectorsize, const.MAXPHYS)
         self._am_lock = threading.Lock()  # guards self.am (in-memory state only, never held over I/O)
         self._flush_lock = threading.Lock()  # serializes bitmap writes: bitmap() .. write .. flushed()
+        self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
         self._ranges = RangeLocks()
         self._ranges_cv = threading.Condition()  # guards self._ranges
         self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
@@ -276,13 +298,45 @@ class Primary:
                 if offset is None and not self.am.flush_needed():
                     return
                 image = self.am.bitmap()
-            metadata.write_bitmap(self.fd, image)
-            if self.res.metaflush:
-                localio.flush(self.fd)
+            self._write_bitmap(image)
             with self._am_lock:
                 self.am.flushed(image)
         if user:
             self.count("activemap_updates")
+
+    def _write_bitmap(self, image: bytes) -> None:
+        """Write the bitmap image; with metaflush, durably before returning.
+
+        Durable by a write with RWF_DSYNC (O_DSYNC for this write only): the kernel syncs just
+        the bitmap's pages and flushes the disk cache. An fdatasync would also write back every
+        dirty data page of the provider, which on a page-cached provider costs as much as the
+        data itself, once per new extent (hastd's g_flush is a disk cache flush only).
+        """
+        if not self.res.metaflush:
+            self._pwrite_bitmap(image)
+            return
+        if self._dsync_writes:
+            view = memoryview(image)
+            offset = metadata.BITMAP_OFFSET
+            try:
+                while len(view):
+                    n = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC)
+                    view, offset = view[n:], offset + n
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                log.debug("RWF_DSYNC writes not supported here (%s): using fdatasync.", exc.strerror)
+                self._dsync_writes = False
+        self._pwrite_bitmap(image)
+        localio.flush(self.fd)
+
+    def _pwrite_bitmap(self, image: bytes) -> None:
+        # metadata raises ProviderError; every caller here handles (and counts) an OSError.
+        try:
+            metadata.write_bitmap(self.fd, image)
+        except ProviderError as exc:
+            raise OSError(errno.EIO, str(exc)) from exc
 
     # -- user I/O entry (called by the NBD server) ----------------------------------------------
 
@@ -330,17 +384,24 @@ class Primary:
         # Without a link the remote half is one part that fails at once (and marks the range).
         hio.remote_total = len(chunks) if link else 1
         hio.parts = 1 + hio.remote_total
-        self.pool.submit(self._local_write, hio)
+        # A plain write goes to the local disk from this thread, after its remote half is on its
+        # way, so the two overlap: a page-cache write takes less than a thread hand-off. A trim
+        # (BLKZEROOUT can take long) and an FUA write (an fdatasync) go to the pool.
+        inline_local = kind == "write" and not fua
+        if not inline_local:
+            self.pool.submit(self._local_write, hio)
         if not link:
             self._remote_part_done(hio, errno.ENOTCONN)
-            return
-        cmd = msg.Cmd.WRITE if kind == "write" else msg.Cmd.DELETE
-        memsync = self.mode == "memsync" and link.version >= 2 and kind == "write"
-        for off, ln in chunks:
-            payload = None
-            if kind == "write":
-                payload = memoryview(data)[off - offset : off - offset + ln]
-            link.submit(cmd, off, ln, payload, memsync, self._remote_callback(hio))
+        else:
+            cmd = msg.Cmd.WRITE if kind == "write" else msg.Cmd.DELETE
+            memsync = self.mode == "memsync" and link.version >= 2 and kind == "write"
+            for off, ln in chunks:
+                payload = None
+                if kind == "write":
+                    payload = memoryview(data)[off - offset : off - offset + ln]
+                link.submit(cmd, off, ln, payload, memsync, self._remote_callback(hio), inline=True)
+        if inline_local:
+            self._local_write(hio)
 
     @staticmethod
     def _remote_chunks(offset: int, length: int, link: Link) -> list[tuple[int, int]]:
@@ -604,8 +665,8 @@ class Primary:
                 self.am.merge(bytes(bitmap[: self.am.mapsize]).ljust(self.am.mapsize, b"\0"))
             self.am.sync_rewind()
         self.flush_bitmap()
-        out.settimeout(res.timeout)
-        inn.settimeout(res.timeout)
+        set_timeout(out, res.timeout)
+        set_timeout(inn, res.timeout)
         return Link(self, out, inn, version, maxio)
 
     def try_connect(self, timeout: float) -> str:
@@ -682,7 +743,10 @@ class Primary:
                 synced += chunk.length
                 self.count("synced_bytes", chunk.length)
             if flush:
-                self.flush_bitmap()
+                try:
+                    self.flush_bitmap()
+                except OSError as exc:  # the bits stay set in memory; the next flush retries
+                    log.error("Unable to write the activemap: %s.", exc.strerror)
         self._sync_complete(link, synced, time.monotonic() - started)
 
     def _copy_chunk(self, link: Link, offset: int, length: int, from_secondary: bool) -> bool:
@@ -769,7 +833,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     channel.serve_status(p.status)
     drop_privileges()
     p.start_threads()
-    channel.event("ready", socket=spec.get("nbd_path"))
+    channel.event("ready", socket=spec.get("nbd_path"), size=p.datasize)
     export = nbdserver.ExportConfig(name=res.name, max_block_size=NBD_MAX_BLOCK)
     frontend = NbdFrontend(p)
     while True:

@@ -30,7 +30,7 @@ from hastpy.errors import HastError, RemoteProtocolError
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
-from hastpy.transport import FrameStream, send_frame
+from hastpy.transport import FrameStream, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges
 
 log = logging.getLogger("hastd")
@@ -97,7 +97,16 @@ class Secondary:
             self._inflight_cv.notify_all()
 
     def _io(self, req: msg.Request, data) -> None:
+        """A pool thread: a READ, DELETE or FLUSH."""
         self._queued -= 1
+        try:
+            self._execute(req, data)
+        finally:
+            if req.cmd == msg.Cmd.DELETE:
+                self._done_inflight()
+
+    def _execute(self, req: msg.Request, data) -> None:
+        """Run one request on the local disk and send its final reply."""
         error, out = 0, None
         try:
             if req.cmd == msg.Cmd.READ:
@@ -114,13 +123,17 @@ class Secondary:
             kind = {msg.Cmd.READ: "read", msg.Cmd.WRITE: "write", msg.Cmd.DELETE: "delete"}.get(req.cmd, "flush")
             self.stats[f"{kind}_errors"] += 1
             log.error("Local %s at offset %d failed: %s.", kind, req.offset, exc.strerror)
-        finally:
-            if req.cmd in (msg.Cmd.WRITE, msg.Cmd.DELETE):
-                self._done_inflight()
         try:
             self.reply(req.seq, error, data=out)
-        except OSError:
-            pass  # the receive loop sees the broken connection and ends the worker
+        except OSError as exc:
+            # Not sent, or only partly: the stream to the primary is unusable. Shut it down; the
+            # receive loop then ends the worker (disconnect), and the primary reconnects.
+            log.warning("Unable to send a reply to the primary: %s.", exc)
+            for sock in (self.reqsock, self.repsock):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _test_hold(self) -> None:
         while self._hold_path and os.path.exists(self._hold_path):
@@ -140,6 +153,10 @@ class Secondary:
         req = msg.Request.from_nv(frame.nv)
         if req.cmd == msg.Cmd.KEEPALIVE:
             return
+        if req.seq == 0:
+            # The reply could not say which request it answers (seq 0 is "absent" on the wire),
+            # so this is a broken primary: end the connection, as for any unusable header.
+            raise RemoteProtocolError(f"request without a seq (cmd={req.cmd})")
         err = msg.validate_request(req, self.md.datasize, self.prov.sectorsize, self.maxio)
         if err:
             log.warning("Invalid request (cmd=%d offset=%d length=%d): replying EINVAL.", req.cmd, req.offset, req.length)
@@ -155,6 +172,10 @@ class Secondary:
             self.stats["writes"] += 1
             if req.memsync:
                 self.reply(req.seq, received=True)
+            # Written and answered here, on the receive thread, as hastd's single disk thread
+            # would: a page-cache write is quicker than handing it to another thread and back.
+            self._execute(req, data)
+            return
         elif req.cmd == msg.Cmd.READ:
             self.stats["reads"] += 1
         elif req.cmd == msg.Cmd.DELETE:
@@ -163,7 +184,7 @@ class Secondary:
             self.stats["flushes"] += 1
             with self._inflight_cv:  # FLUSH is a barrier behind every earlier write
                 self._inflight_cv.wait_for(lambda: self._inflight == 0)
-        if req.cmd in (msg.Cmd.WRITE, msg.Cmd.DELETE):
+        if req.cmd == msg.Cmd.DELETE:
             with self._inflight_cv:
                 self._inflight += 1
         self._queued += 1
@@ -171,7 +192,7 @@ class Secondary:
 
     def serve(self) -> int:
         stream = FrameStream(self.reqsock, self.version, self.maxio)
-        self.reqsock.settimeout(RECV_TIMEOUT)
+        set_timeout(self.reqsock, RECV_TIMEOUT)
         try:
             while True:
                 self.handle(stream.recv())
@@ -235,6 +256,11 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     fds = spec["fds"]
     reqsock = socket.socket(fileno=fds["out"])
     repsock = socket.socket(fileno=fds["in"])
+    # Blocking, with hastd's timeouts, whatever mode the supervisor left the descriptors in: a
+    # reply (a 1 MiB READ, the handshake's bitmap) must wait for room in the socket buffer,
+    # never fail half-sent with EAGAIN.
+    set_timeout(reqsock, res.timeout)
+    set_timeout(repsock, res.timeout)
     version = spec["version"]
     try:
         prov = open_provider(res.local)

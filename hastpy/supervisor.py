@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from hastpy import attach as attachmod
 from hastpy import config as cfgmod
 from hastpy import constants as const
 from hastpy import control
@@ -62,6 +63,8 @@ class ResState:
     pending_version: int = 0
     pending_maxio: int | None = None  # the primary's maxio from its hello (v3), if it sent one
     restart_at: float | None = None  # a crashed primary worker restarts at this time
+    att: attachmod.Attachment | None = None  # /dev/hast/<provname> while the primary serves
+    attach_error: str | None = None  # why the last attach failed, for hastctl list
     events: list = field(default_factory=list)
 
 
@@ -97,29 +100,60 @@ class Supervisor:
                 probe.close()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a temporary name, then renamed into place: a hastctl that
+        # finds the path (e.g. right after hastd started) never gets "connection refused".
+        tmp = f"{path}.{os.getpid()}"
+        if len(os.fsencode(tmp)) > const.MAX_UDS_PATH_LEN:
+            tmp = path  # no room for a suffix: bind in place, as before
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
         old = os.umask(0o177)  # the control socket is created mode 0600: root only
         try:
-            sock.bind(path)
+            sock.bind(tmp)
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        os.chmod(tmp, 0o600)
         sock.listen(16)
+        if tmp != path:
+            os.rename(tmp, path)
         self.control_sock, self.control_path = sock, path
         self.sel.register(sock, selectors.EVENT_READ, ("control", None))
 
     def open_listeners(self) -> None:
-        explicit = tuple(self.cfg.listen) != const.DEFAULT_LISTEN
-        for addr in self.cfg.listen:
-            try:
-                sock = listen(addr)
-            except OSError as exc:
-                if explicit:
-                    raise HastError(f"Unable to listen on {addr}: {exc}") from None
-                log.debug("Not listening on %s: %s", addr, exc)  # e.g. no IPv6 in this kernel
-                continue
+        """Listen on every `listen` address; HastError if an explicitly configured one fails."""
+        for sock in self._bind_listeners(self.cfg.listen):
             self.listeners.append(sock)
             self.sel.register(sock, selectors.EVENT_READ, ("listen", None))
-            log.info("Listening on %s.", addr)
+
+    @staticmethod
+    def _bind_listeners(addrs) -> list[socket.socket]:
+        explicit = tuple(addrs) != const.DEFAULT_LISTEN
+        socks: list[socket.socket] = []
+        try:
+            for addr in addrs:
+                try:
+                    sock = listen(addr)
+                except OSError as exc:
+                    if explicit:
+                        raise HastError(f"Unable to listen on {addr}: {exc}") from None
+                    log.debug("Not listening on %s: %s", addr, exc)  # e.g. no IPv6 in this kernel
+                    continue
+                socks.append(sock)
+                log.info("Listening on %s.", addr)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _close_listeners(self) -> None:
+        for sock in self.listeners:
+            try:
+                self.sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+        self.listeners = []
 
     def setup_signals(self) -> None:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
@@ -161,21 +195,30 @@ class Supervisor:
         self.setup_signals()
         while self.running:
             for key, _ in self.sel.select(LOOP_TICK):
-                kind, obj = key.data
-                if kind == "control":
-                    self._accept_control()
-                elif kind == "listen":
-                    self._accept_peer(key.fileobj)
-                elif kind == "worker":
-                    self._worker_readable(obj)
-                elif kind == "signal":
-                    self._signals()
-                elif kind == "wake":
-                    self._drain_posted()
-            self.hooks.poll()
-            self._restart_due()
+                try:
+                    self._dispatch(key)
+                except Exception:  # noqa: BLE001 - a bug in one handler must not end the daemon
+                    log.exception("Internal error in the main loop")
+            try:
+                self.hooks.poll()
+                self._restart_due()
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("Internal error in the main loop")
         self.shutdown()
         return 0
+
+    def _dispatch(self, key) -> None:
+        kind, obj = key.data
+        if kind == "control":
+            self._accept_control()
+        elif kind == "listen":
+            self._accept_peer(key.fileobj)
+        elif kind == "worker":
+            self._worker_readable(obj)
+        elif kind == "signal":
+            self._signals()
+        elif kind == "wake":
+            self._drain_posted()
 
     def _drain_posted(self) -> None:
         try:
@@ -248,6 +291,54 @@ class Supervisor:
         finally:
             sock.close()
 
+    # -- /dev/hast ------------------------------------------------------------------------------
+
+    @property
+    def statedir(self) -> str:
+        """Where attach records what it made, so a restarted hastd can clean up after a crash."""
+        return os.path.join(os.path.dirname(self.control_path) or ".", "hastpy")
+
+    def _attach(self, rs: ResState, size: int) -> None:
+        """The worker serves: make /dev/hast/<provname>. A failure leaves the socket usable."""
+        r = rs.res
+        try:
+            method = attachmod.choose_method(r.attach)
+            os.makedirs(self.statedir, exist_ok=True)
+            rs.att = attachmod.attach(method, r.name, r.provname, self.nbd_path(r.name), size, r.devdir, self.statedir)
+            rs.attach_error = None
+            log.info("[%s] Attached (%s): %s -> %s.", r.name, method, rs.att.link, rs.att.device)
+        except HastError as exc:
+            rs.attach_error = str(exc)
+            log.error("[%s] Unable to attach the device: %s", r.name, exc)
+
+    def _detach(self, rs: ResState, force: bool) -> None:
+        """Remove /dev/hast/<provname> before the worker stops. DeviceBusy (nothing torn down)
+        if it is mounted or open and not force."""
+        if rs.att is None:
+            return
+        attachmod.detach(rs.att, force=force)
+        log.info("[%s] Detached %s.", rs.res.name, rs.att.device or rs.att.method)
+        rs.att = None
+
+    def _cleanup_device(self, rs: ResState, why: str) -> None:
+        """After a primary worker died, or at start-up: remove whatever device it left behind."""
+        name = rs.res.name
+        try:
+            if rs.att is not None:
+                attachmod.detach(rs.att, force=True)
+        except HastError as exc:
+            log.warning("[%s] Forced detach after %s: %s", name, why, exc)
+        rs.att = None
+        try:
+            for action in attachmod.cleanup_stale(name, rs.res.devdir, self.statedir):
+                log.warning("[%s] Cleaned up after %s: %s", name, why, action)
+        except (HastError, OSError) as exc:
+            log.error("[%s] Unable to clean up after %s: %s", name, why, exc)
+
+    def cleanup_all(self) -> None:
+        for rs in self.resources.values():
+            self._cleanup_device(rs, "a previous hastd")
+
     def stop_worker(self, rs: ResState, sig: int = signal.SIGTERM) -> None:
         w = rs.worker
         if w is None:
@@ -257,7 +348,8 @@ class Supervisor:
             self.sel.unregister(w.sock)
         except (KeyError, ValueError):
             pass
-        w.sock.close()
+        # Signal before closing the channel: a worker that sees its channel close first thinks
+        # the supervisor died and says so in the log.
         if w.proc.poll() is None:
             w.proc.send_signal(sig)
             try:
@@ -266,6 +358,7 @@ class Supervisor:
                 log.error("[%s] Worker %d did not exit, killing it.", rs.res.name, w.proc.pid)
                 w.proc.kill()
                 w.proc.wait()
+        w.sock.close()
         if w.role == "primary":
             try:
                 os.unlink(self.nbd_path(rs.res.name))
@@ -279,9 +372,12 @@ class Supervisor:
             if w is None or w.proc.poll() is None:
                 continue
             rc = w.proc.returncode
+            # Its last events (a secondary's disconnect or split-brain) may still be unread.
+            self._drain_worker(rs, w)
             self.stop_worker(rs)
             name = rs.res.name
             if w.role == "primary":
+                self._cleanup_device(rs, f"the worker's exit (status {rc})")
                 if rc < 0 or rc == os.EX_TEMPFAIL:
                     log.warning("[%s] Primary worker died (status %d): restarting in %.0f s.", name, rc, WORKER_RESTART_DELAY)
                     rs.restart_at = time.monotonic() + WORKER_RESTART_DELAY
@@ -303,24 +399,42 @@ class Supervisor:
         w = rs.worker
         if w is None:
             return
-        try:
-            obj = w.reader.read()
-        except (OSError, ControlError):
-            obj = None
-        if obj is None:
+        if not self._drain_worker(rs, w):
             try:
                 self.sel.unregister(w.sock)
             except (KeyError, ValueError):
                 pass
             self._reap()
-            return
-        self._worker_message(rs, obj)
+
+    def _drain_worker(self, rs: ResState, w: Worker) -> bool:
+        """Handle every message the worker has sent so far, without blocking; False at EOF.
+
+        All of them, not one: a worker often sends two events back to back (connect, syncstart),
+        the reader takes both in one recv, and select() would not wake us for the second one
+        until the worker sends something else, maybe minutes later.
+        """
+        w.sock.settimeout(0.0)
+        try:
+            while True:
+                try:
+                    obj = w.reader.read()
+                except BlockingIOError:
+                    return True
+                except (OSError, ControlError):
+                    return False
+                if obj is None:
+                    return False
+                self._worker_message(rs, obj)
+        finally:
+            if w.sock.fileno() != -1:
+                w.sock.settimeout(None)
 
     def _worker_message(self, rs: ResState, obj: dict) -> None:
         ev = obj.get("event")
         if ev == "ready":
             if rs.worker:
                 rs.worker.ready = True
+                self._attach(rs, obj.get("size", 0))
             return
         if ev in ("connect", "disconnect", "syncstart", "syncdone", "syncintr", "split-brain"):
             log.info("[%s] Event: %s.", rs.res.name, ev)
@@ -338,6 +452,7 @@ class Supervisor:
                 if obj is None:
                     return None
                 if "reply" in obj:
+                    self._drain_worker(rs, w)  # events that came in the same read
                     return obj["reply"]
                 self._worker_message(rs, obj)
         except (OSError, ControlError):
@@ -348,10 +463,13 @@ class Supervisor:
 
     # -- roles ----------------------------------------------------------------------------------
 
-    def set_role_one(self, rs: ResState, role: str) -> str:
+    def set_role_one(self, rs: ResState, role: str, force: bool = False) -> str:
+        """Change a role; DeviceBusy (nothing changed) if leaving primary while the device is
+        mounted or open, unless force."""
         old = rs.role
         if old == role:
             return old
+        self._detach(rs, force)
         self.stop_worker(rs)
         self._drop_pending(rs)
         rs.restart_at = None
@@ -379,7 +497,10 @@ class Supervisor:
             if rs is None:
                 out.append({"name": name, "error": f"resource {name!r} is not configured"})
             elif cmd == "role":
-                out.append({"name": name, "previous": self.set_role_one(rs, role), "role": role})
+                try:
+                    out.append({"name": name, "previous": self.set_role_one(rs, role, bool(req.get("force"))), "role": role})
+                except attachmod.DeviceBusy as exc:
+                    out.append({"name": name, "error": str(exc), "busy": True})
             else:
                 out.append(self.status_one(rs))
         return {"resources": out}
@@ -398,6 +519,10 @@ class Supervisor:
             "compression": r.compression,
             "workerpid": rs.worker.proc.pid if rs.worker else 0,
             "nbd_socket": self.nbd_path(r.name) if rs.role == "primary" else None,
+            "attach": r.attach if rs.att is None else rs.att.method,
+            "device": rs.att.link if rs.att is not None else None,
+            "device_ready": rs.att is not None,
+            "attach_error": rs.attach_error,
         }
         ws = self.worker_status(rs)
         if ws:
@@ -424,8 +549,13 @@ class Supervisor:
                 reply = self._call_in_loop(self.handle_control, req)
             except ControlError as exc:
                 reply = {"error": str(exc)}
+            except RecursionError:  # json.loads of a line nested thousands deep
+                reply = {"error": "malformed control message: nested too deeply"}
             except (OSError, TimeoutError):
                 return
+            except Exception as exc:  # noqa: BLE001 - a bug: answer and log it, keep serving
+                log.exception("Internal error handling a control request")
+                reply = {"error": f"internal error: {exc}"}
             try:
                 control.send(conn, reply)
             except OSError:
@@ -530,10 +660,31 @@ class Supervisor:
         except (ConfigError, OSError) as exc:
             log.error("Reload failed, keeping the old configuration: %s", exc)
             return
+        if new.listen != self.cfg.listen:
+            # Before anything else, so that a listen address we cannot bind leaves the whole
+            # old configuration in place (the old addresses are released first: the new list
+            # may share some of them).
+            self._close_listeners()
+            try:
+                socks = self._bind_listeners(new.listen)
+            except HastError as exc:
+                log.error("Reload failed, keeping the old configuration: %s", exc)
+                try:
+                    self.open_listeners()
+                except HastError as exc2:
+                    log.error("Unable to listen on the old addresses again: %s", exc2)
+                return
+            for sock in socks:
+                self.listeners.append(sock)
+                self.sel.register(sock, selectors.EVENT_READ, ("listen", None))
         new_res = {r.name: r for r in new.resources}
         for name in list(self.resources):
             if name not in new_res:
-                self.set_role_one(self.resources[name], "init")
+                try:
+                    self.set_role_one(self.resources[name], "init")
+                except attachmod.DeviceBusy as exc:
+                    log.error("[%s] Not removed: the device is busy (%s).", name, exc)
+                    continue
                 del self.resources[name]
                 log.info("[%s] Resource removed.", name)
         for name, r in new_res.items():
@@ -543,22 +694,22 @@ class Supervisor:
                 log.info("[%s] Resource added (role init).", name)
             elif rs.res != r:
                 role = rs.role
-                self.set_role_one(rs, "init")
+                try:
+                    self.set_role_one(rs, "init")
+                except attachmod.DeviceBusy as exc:
+                    log.error("[%s] Configuration change not applied: the device is busy (%s).", name, exc)
+                    continue
                 rs.res = r
                 self.set_role_one(rs, role)
                 log.info("[%s] Resource configuration changed: restarted in role %s.", name, role)
-        if new.listen != self.cfg.listen:
-            for s in self.listeners:
-                self.sel.unregister(s)
-                s.close()
-            self.listeners = []
-            self.cfg = new
-            self.open_listeners()
         self.cfg = new
         log.info("Configuration reloaded.")
 
     def shutdown(self) -> None:
         for rs in self.resources.values():
+            # hastd destroys /dev/hast/<name> by force when it stops; a filesystem still mounted
+            # on it gets I/O errors (the rc script runs `hastctl role init all` first).
+            self._cleanup_device(rs, "shutdown")
             self.stop_worker(rs)
             self._drop_pending(rs)
         self.hooks.wait_all(2.0)
@@ -568,8 +719,7 @@ class Supervisor:
                 os.unlink(self.control_path)
             except FileNotFoundError:
                 pass
-        for s in self.listeners:
-            s.close()
+        self._close_listeners()
 
 
 def _peer(conn: socket.socket) -> str:

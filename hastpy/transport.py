@@ -7,17 +7,28 @@ whole frames through `send_frame` / `recv_frame`; the byte formats live in hastp
 from __future__ import annotations
 
 import socket
+import struct
 
 from hastpy.constants import DEFAULT_PORT
 from hastpy.config import parse_tcp_address
-from hastpy.errors import RemoteProtocolError
-from hastpy.nv import NvList
-from hastpy.proto.frame import MAX_HANDSHAKE_PAYLOAD, Frame, FrameReader, encode_frame
+from hastpy.errors import NvError, RemoteProtocolError
+from hastpy.nv import NvList, NvType
+from hastpy.proto.frame import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_HANDSHAKE_PAYLOAD,
+    MAX_NV_SIZE,
+    SIZE_FIELD,
+    Frame,
+    FrameReader,
+    encode_frame,
+)
 
 # proto_tcp.c: listeners get a backlog of 8; two connections per resource, few resources.
 LISTEN_BACKLOG = 8
-# Receive in chunks this large: one syscall per 1 MiB write payload instead of per TCP segment.
-RECV_CHUNK = 1024 * 1024
+# FrameStream's buffer for frame headers and nv lists: room for the largest nv list (64 KiB)
+# and for a few thousand small replies per recv. Payloads bypass it (recv_into their own buffer).
+HEAD_BUFFER = 2 * MAX_NV_SIZE
 # Kernel socket buffers big enough for several MiB of requests in flight on a fast link.
 SOCKET_BUFFER = 4 * 1024 * 1024
 # TCP keepalive: a peer that vanished without FIN/RST is noticed in ~KEEPIDLE + KEEPINTVL*KEEPCNT.
@@ -26,7 +37,9 @@ KEEPIDLE, KEEPINTVL, KEEPCNT = 10, 5, 3
 
 def _resolve(addr: str, passive: bool = False, default_port: int = DEFAULT_PORT) -> tuple[int, tuple]:
     family_hint, host, port = parse_tcp_address(addr, default_port)
-    flags = socket.AI_ADDRCONFIG | (socket.AI_PASSIVE if passive else 0)
+    # hastd passes AI_ADDRCONFIG; we do not: on a host whose only interface is loopback it makes
+    # even 127.0.0.1 unresolvable.
+    flags = socket.AI_PASSIVE if passive else 0
     try:
         infos = socket.getaddrinfo(host or None, port, family_hint, socket.SOCK_STREAM, 0, flags)
     except socket.gaierror as exc:
@@ -44,7 +57,26 @@ def tune(sock: socket.socket, timeout: float | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPCNT)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-    sock.settimeout(timeout)
+    set_timeout(sock, timeout)
+
+
+def set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """Make sock blocking, its sends and receives timing out after `timeout` s (None: never).
+
+    Kernel timeouts (SO_SNDTIMEO/SO_RCVTIMEO, as hastd), not Python's: those cost a poll()
+    before every call, and they live in the Python object only, so a descriptor handed to a
+    worker arrived there non-blocking while the worker's socket object believed it blocking, and
+    a send into a full buffer failed with EAGAIN instead of waiting. Kernel timeouts travel with
+    the descriptor. A timeout surfaces as TimeoutError from send_frame, FrameStream and recv_one.
+    """
+    sock.settimeout(None)
+    if timeout is None or timeout <= 0:
+        tv = struct.pack("ll", 0, 0)  # 0: no timeout
+    else:
+        sec = int(timeout)
+        tv = struct.pack("ll", sec, max(int((timeout - sec) * 1e6), 0 if sec else 1))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def connect(remote: str, source: str | None, timeout: float) -> socket.socket:
@@ -89,7 +121,10 @@ def send_frame(sock: socket.socket, version: int, nv: NvList, payload=None) -> N
     """Send one frame without joining the payload to the header (no copy of a 1 MiB buffer)."""
     bufs = [memoryview(b).cast("B") for b in encode_frame(version, nv, payload) if len(b)]
     while bufs:
-        sent = sock.sendmsg(bufs)
+        try:
+            sent = sock.sendmsg(bufs)
+        except BlockingIOError:
+            raise TimeoutError("send timed out") from None
         while sent:
             if sent >= len(bufs[0]):
                 sent -= len(bufs[0])
@@ -100,22 +135,73 @@ def send_frame(sock: socket.socket, version: int, nv: NvList, payload=None) -> N
 
 
 class FrameStream:
-    """Blocking reads of whole frames from a socket. Owned by one reader thread."""
+    """Blocking reads of whole frames from a socket. Owned by one reader thread.
+
+    Header and nv list come through a small buffer (many small frames per recv); a payload is
+    received straight into its own buffer with recv_into: one copy, from the kernel, with the
+    GIL released, instead of a recv into a temporary and a second copy under the GIL. The checks
+    and errors are FrameReader's (hastpy.proto.frame).
+    """
 
     def __init__(self, sock: socket.socket, max_version: int, max_payload: int):
         self._sock = sock
-        self._reader = FrameReader(max_version, max_payload=max_payload)
+        self.max_version = max_version
+        self.max_payload = max_payload
+        self._buf = bytearray(HEAD_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # unconsumed bytes are _buf[_start:_end]
+        self._end = 0
 
     def recv(self) -> Frame:
         """The next frame; ConnectionError at EOF, RemoteProtocolError on a malformed one."""
-        while True:
-            frame = self._reader.next_frame()
-            if frame is not None:
-                return frame
-            chunk = self._sock.recv(max(RECV_CHUNK, self._reader.needed()))
-            if not chunk:
+        version, nvsize = HEADER.unpack(self._take(HEADER_SIZE))
+        if version > self.max_version:
+            raise RemoteProtocolError(
+                f"RPC version mismatch: peer framed version {version}, we speak up to {self.max_version}"
+            )
+        if nvsize > MAX_NV_SIZE:
+            raise RemoteProtocolError(f"nv header of {nvsize} bytes exceeds the limit {MAX_NV_SIZE}")
+        try:
+            nv = NvList.decode(self._take(nvsize))
+            size = nv.get_int(SIZE_FIELD, NvType.UINT32, 0)
+        except NvError as exc:
+            raise RemoteProtocolError(f"bad nv header: {exc}") from exc
+        if size > self.max_payload:
+            raise RemoteProtocolError(f"payload of {size} bytes exceeds the limit {self.max_payload}")
+        if not size:
+            return Frame(version, nv, memoryview(b""))
+        payload = memoryview(bytearray(size))
+        got = min(size, self._end - self._start)
+        payload[:got] = self._view[self._start : self._start + got]
+        self._start += got
+        while got < size:
+            n = self._recv_into(payload[got:])
+            if not n:
                 raise ConnectionError("connection closed by peer")
-            self._reader.feed(chunk)
+            got += n
+        return Frame(version, nv, payload)
+
+    def _take(self, n: int) -> bytes:
+        """The next n bytes (n <= HEAD_BUFFER), receiving as much as the buffer holds."""
+        if self._end - self._start < n:
+            if self._start:
+                left = self._end - self._start
+                self._view[:left] = self._view[self._start : self._end]
+                self._start, self._end = 0, left
+            while self._end < n:
+                got = self._recv_into(self._view[self._end :])
+                if not got:
+                    raise ConnectionError("connection closed by peer")
+                self._end += got
+        out = bytes(self._view[self._start : self._start + n])
+        self._start += n
+        return out
+
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            return self._sock.recv_into(view)
+        except BlockingIOError:
+            raise TimeoutError("receive timed out") from None
 
 
 def recv_one(sock: socket.socket, max_version: int, max_payload: int = MAX_HANDSHAKE_PAYLOAD) -> Frame:
@@ -128,7 +214,10 @@ def recv_one(sock: socket.socket, max_version: int, max_payload: int = MAX_HANDS
         want = reader.needed()
         if want <= 0:
             raise RemoteProtocolError("frame reader stalled")
-        chunk = sock.recv(want)
+        try:
+            chunk = sock.recv(want)
+        except BlockingIOError:
+            raise TimeoutError("receive timed out") from None
         if not chunk:
             raise ConnectionError("connection closed by peer")
         reader.feed(chunk)

@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import os
 import pwd
+import signal
 import socket
 import sys
 import threading
@@ -101,6 +102,9 @@ def drop_privileges() -> None:
 
 
 def main() -> None:
+    # The supervisor ends a secondary worker with SIGINT when its primary reconnects (hastd does
+    # the same): die of it as hastd's worker does, not with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sock = socket.socket(fileno=int(sys.argv[1]))
     channel = Channel(sock)
     spec = channel.reader.read()

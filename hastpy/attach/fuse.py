@@ -87,6 +87,10 @@ MAX_UNMOUNTS = 4
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
 
+# loop_backing_dev() of a loop whose FUSE server died: the kernel cannot stat the backing file
+# (ENOTCONN), so the device number that proves ownership is no longer available.
+DEAD_BACKING = -1
+
 _SAFE_FSNAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -238,6 +242,8 @@ def loop_backing_dev(device: str) -> int | None:
         buf = bytearray(LOOP_INFO64.size)
         fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
     except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return DEAD_BACKING
         if exc.errno != errno.ENXIO:  # ENXIO: not bound to a file
             log.debug("attach: LOOP_GET_STATUS64 on %s: %s", device, exc)
         return None
@@ -252,7 +258,7 @@ def our_loops(mountdir: str, fuse_file: str | None, extra: str | None = None) ->
     The sysfs backing_file path is only a cheap first filter (another node may have the same
     path); the device number from the kernel decides."""
     devs = {devnum(m.dev) for m in mounts_at(mountdir) if m.fstype.startswith("fuse")}
-    if not devs:
+    if not devs and extra is None:
         return []
     prefix = mountdir + "/"
     found = []
@@ -264,7 +270,10 @@ def our_loops(mountdir: str, fuse_file: str | None, extra: str | None = None) ->
             continue
         if device != extra and not (backing == fuse_file or backing.startswith(prefix)):
             continue
-        if loop_backing_dev(device) in devs:
+        dev = loop_backing_dev(device)
+        # A dead backing file cannot prove whose it is: accept it only as the device our own
+        # state file recorded (another node's loop with the same path answers with its device).
+        if dev in devs or (dev == DEAD_BACKING and device == extra):
             found.append(device)
     return found
 

@@ -61,6 +61,9 @@ DEAD_CONN_TIMEOUT = 0
 # After NBD_CMD_DISCONNECT the kernel tears the configuration down asynchronously (its receive
 # workers notice the shut socket); /sys/block/nbdN/pid disappears when it is done.
 DISCONNECT_TIMEOUT = 10.0
+# How long an idle device gets to drop its configuration before we check whether it is held
+# open (then the kernel keeps it until the last close, and waiting longer cannot help).
+DISCONNECT_SETTLE = 1.0
 # Time for devtmpfs/udev to show /dev/nbdN after the kernel created the device.
 DEVICE_NODE_TIMEOUT = 5.0
 # `modprobe nbd` when the driver is neither loaded nor built in.
@@ -193,6 +196,16 @@ def attach_kernel(att: Attachment, *, io_timeout: int = IO_TIMEOUT, dead_conn_ti
 # --- Tear down --------------------------------------------------------------------------------
 
 
+def _held(index: int) -> bool:
+    """Whether something has /dev/nbdN open or mounted (an exclusive open is refused)."""
+    try:
+        fd = os.open(f"/dev/nbd{index}", os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.EBUSY
+    os.close(fd)
+    return False
+
+
 def nbd_connected(index: int) -> bool:
     """/sys/block/nbdN/pid exists exactly while the device has a live configuration."""
     return os.path.exists(f"/sys/block/nbd{index}/pid")
@@ -250,7 +263,13 @@ def teardown_kernel(att: Attachment, done: list[str], same_boot: bool = True) ->
         except nl.NetlinkError as exc:
             problems.append(f"cannot disconnect /dev/nbd{index}: {exc}")
             continue
-        if wait_until(lambda i=index: not nbd_connected(i), DISCONNECT_TIMEOUT):
+        if wait_until(lambda i=index: not nbd_connected(i), DISCONNECT_SETTLE):
+            done.append(f"disconnected /dev/nbd{index}")
+        elif _held(index):
+            # Mounted or open: its sockets are shut down (new I/O fails at once), but the kernel
+            # keeps the configuration until the last close. Waiting longer cannot help.
+            done.append(f"disconnected /dev/nbd{index} (still held open: released at its last close)")
+        elif wait_until(lambda i=index: not nbd_connected(i), DISCONNECT_TIMEOUT):
             done.append(f"disconnected /dev/nbd{index}")
         else:
             problems.append(f"/dev/nbd{index} still connected {DISCONNECT_TIMEOUT:.0f} s after NBD_CMD_DISCONNECT")

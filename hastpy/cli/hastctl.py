@@ -107,13 +107,18 @@ def _call(cfg: cfgmod.Config, request: dict) -> dict:
 @config_option
 @node_option
 @debug_option
+@click.option("--force", is_flag=True, help="Leave primary even if the device is mounted or open.")
 @click.argument("role", type=click.Choice(ROLES))
 @click.argument("names", nargs=-1, required=True)
 @reports_errors
-def role(config_path, node, debug, role, names) -> None:
-    """Change the role of resources (all, or the names given)."""
+def role(config_path, node, debug, force, role, names) -> None:
+    """Change the role of resources (all, or the names given).
+
+    Leaving primary is refused (exit 75) while /dev/hast/<name> is mounted or open, unless
+    --force, which tears the device down under its users as FreeBSD's hastd does.
+    """
     cfg = load_config(config_path, node)
-    reply = _call(cfg, {"cmd": "role", "role": role, "resources": list(names)})
+    reply = _call(cfg, {"cmd": "role", "role": role, "resources": list(names), "force": force})
     _exit_on_resource_errors(reply)
 
 
@@ -122,7 +127,10 @@ def _exit_on_resource_errors(reply: dict) -> None:
     for r in errors:
         click.echo(f"hastctl: {r['name']}: {r['error']}", err=True)
     if errors:
-        raise SystemExit(os.EX_UNAVAILABLE if "not configured" not in errors[0]["error"] else os.EX_USAGE)
+        first = errors[0]
+        if first.get("busy"):
+            raise SystemExit(os.EX_TEMPFAIL)
+        raise SystemExit(os.EX_USAGE if "not configured" in first["error"] else os.EX_UNAVAILABLE)
 
 
 def _human(n: int) -> str:
@@ -145,6 +153,11 @@ def format_list(r: dict) -> str:
     if r["role"] == "primary":
         dirty = r.get("dirty", 0)
         lines.append(f"  dirty: {dirty} ({_human(dirty)})")
+        lines.append(f"  attach: {r.get('attach')}")
+        if r.get("device"):
+            lines.append(f"  device: {r['device']}")
+        if r.get("attach_error"):
+            lines.append(f"  attach error: {r['attach_error']}")
         if r.get("nbd_socket"):
             lines.append(f"  nbdsocket: {r['nbd_socket']}")
         sync = r.get("sync")

@@ -39,6 +39,7 @@ def cli(config_path: str, node: str | None, debug: int, foreground: bool, pidfil
     pid = PidFile(pidfile or sup.cfg.pidfile)
     try:
         sup.open_control()
+        sup.cleanup_all()
         sup.open_listeners()
         if not foreground:
             _daemonize()

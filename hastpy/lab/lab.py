@@ -740,6 +740,9 @@ class Lab:
         created = dict(state.get("created", {}))
         warnings: list[str] = []
         private_devs = self._node_private_devs()
+        # Loops backed by a FUSE file in a node must be found now: once nbdfuse is killed below,
+        # the kernel no longer reports their backing device and they look like anyone's.
+        loops_before = self.loops(private_devs)
         inodes = self._lab_inodes()  # kept: valid while any process still holds a namespace
         skip = _ancestors()
 
@@ -765,7 +768,8 @@ class Lab:
             if self._cmd(["umount", m.mountpoint], check=False).returncode != 0:
                 self._cmd(["umount", "-l", m.mountpoint], check=False)
 
-        loops = self.loops(private_devs)
+        loops = {lo["name"]: lo for lo in loops_before + self.loops(private_devs)}.values()
+        loops = list(loops)
         for lo in loops:
             self._cmd(["losetup", "-d", lo["name"]], check=False)
         deadline = time.monotonic() + 5.0

@@ -1,0 +1,231 @@
+"""A HAST pair with a virtual IP on the lab's two nodes: set up, write, fail over, rejoin.
+
+Used by the lab tests and by the demo. Everything runs inside the nodes through `Lab.run` and
+`Lab.spawn`: hastd, ucarp or keepalived with hook scripts rendered by `hastctl render-hooks`, the
+filesystem mounted by `hastctl promote`, and a verifying writer whose acknowledgements are recorded
+on the host, outside the node that may die.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hastpy.lab import topology as topo
+from hastpy.lab.lab import Lab
+
+RESOURCE = "data"
+MOUNTPOINT = "/srv/hast/data"
+JOURNAL = "journal"
+BIN = Path(sys.executable).parent
+# keepalived: priority decides the first master; nopreempt keeps the VIP where it is afterwards.
+PRIORITY = {"node-a": 150, "node-b": 100}
+# ucarp: the node with the smaller skew wins the first election.
+UCARP_SKEW = {"node-a": 10, "node-b": 40}
+STEP_TIMEOUT = 60.0
+POLL = 0.02
+
+CONF = """\
+# hast.conf of the hastpy lab ({node})
+control uds:///run/hastctl
+pidfile /run/hastd.pid
+replication {replication}
+timeout {timeout}
+resource {name} {{
+    attach fuse
+    on node-a {{
+        local {disk_a}
+        remote {ip_b}
+    }}
+    on node-b {{
+        local {disk_b}
+        remote {ip_a}
+    }}
+}}
+"""
+
+
+@dataclass
+class FailoverResult:
+    seconds: float  # from the kill (or cut) to the filesystem mounted on the survivor
+    acked: int  # writes the verifying writer saw acknowledged before the failure
+    missing: int  # of those, absent or damaged on the survivor (must be 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.acked > 0 and self.missing == 0
+
+
+class Cluster:
+    def __init__(self, lab: Lab, vip: str = "keepalived", tuned: bool = True, replication: str = "fullsync", timeout: int = 5):
+        if vip not in ("keepalived", "ucarp"):
+            raise ValueError(f"unknown VIP manager {vip!r}")
+        self.lab = lab
+        self.vip = vip
+        self.tuned = tuned
+        self.replication = replication
+        self.timeout = timeout
+        self.nodes = {n.name: n for n in topo.NODES}
+        self.writer = None
+        self.vip_procs: dict[str, object] = {}
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def ndir(self, node: str) -> Path:
+        return self.lab.paths.node_dir(self.nodes[node])
+
+    def hooks_dir(self, node: str) -> Path:
+        return self.ndir(node) / "hooks"
+
+    @property
+    def acks_file(self) -> Path:
+        return self.lab.dir / "acks.log"
+
+    def other(self, node: str) -> str:
+        return "node-b" if node == "node-a" else "node-a"
+
+    # -- commands in nodes ----------------------------------------------------------------------
+
+    def hastctl(self, node: str, *args: str, check: bool = True):
+        return self.lab.run(node, [str(BIN / "hastctl"), *args], check=check, timeout=120)
+
+    def status(self, node: str) -> dict:
+        cp = self.hastctl(node, "list", "--json", RESOURCE, check=False)
+        if cp.returncode:
+            return {}
+        return json.loads(cp.stdout)[0]
+
+    def mounted(self, node: str) -> bool:
+        return self.lab.run(node, ["findmnt", "-n", MOUNTPOINT], check=False).returncode == 0
+
+    def wait(self, what: str, predicate, timeout: float = STEP_TIMEOUT) -> float:
+        start = time.monotonic()
+        while not predicate():
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(POLL)
+        return time.monotonic() - start
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        a, b = self.nodes["node-a"], self.nodes["node-b"]
+        for n in (a, b):
+            self.lab.paths.hast_conf(n).write_text(
+                CONF.format(node=n.name, replication=self.replication, timeout=self.timeout, name=RESOURCE,
+                            disk_a=self.lab.paths.disk(a), disk_b=self.lab.paths.disk(b), ip_a=a.ip, ip_b=b.ip)  # fmt: skip
+            )
+
+    def start_hastd(self, node: str) -> None:
+        self.lab.run(node, ["rm", "-f", "/run/hastctl"], check=False)
+        self.lab.spawn(node, [str(BIN / "hastd"), "-F"], log=self.ndir(node) / "hastd.log")
+        self.wait(f"hastd on {node}", lambda: self.hastctl(node, "status", check=False).returncode == 0)
+
+    def setup(self) -> None:
+        """Fresh metadata on both nodes, hastd running, an ext4 made through node-a, then both
+        nodes secondary: the VIP manager decides who becomes primary."""
+        self.write_config()
+        for node in self.nodes:
+            self.hastctl(node, "create", RESOURCE)
+            self.start_hastd(node)
+        self.hastctl("node-b", "role", "secondary", RESOURCE)
+        self.hastctl("node-a", "role", "primary", RESOURCE)
+        self.wait("node-a connected", lambda: self.status("node-a").get("status") == "complete")
+        self.hastctl("node-a", "promote", RESOURCE)  # waits for /dev/hast/data
+        self.lab.run("node-a", ["mkfs.ext4", "-q", "-F", f"/dev/hast/{RESOURCE}"], timeout=120)
+        self.hastctl("node-a", "role", "secondary", RESOURCE)
+        for node in self.nodes:
+            self.render_hooks(node)
+
+    def render_hooks(self, node: str) -> None:
+        args = ["render-hooks", self.vip, "--out", str(self.hooks_dir(node)), "--vip", f"{topo.VIP}/{topo.PREFIXLEN}",
+                "--interface", topo.NODE_IFACE, "--mount", f"{RESOURCE}:{MOUNTPOINT}:ext4",
+                "--priority", str(PRIORITY[node]), "--advert-int", "0.1" if self.tuned else "1"]  # fmt: skip
+        self.hastctl(node, *args)
+        logfile = self.ndir(node) / "failover.log"
+        for script in self.hooks_dir(node).glob("*.sh"):
+            script.write_text(script.read_text().replace("/var/log/hast-failover.log", str(logfile)))
+
+    def start_vip(self, node: str) -> None:
+        n = self.nodes[node]
+        hooks = self.hooks_dir(node)
+        log = self.ndir(node) / f"{self.vip}.log"
+        if self.vip == "keepalived":
+            # A killed keepalived leaves its pid files; a new one refuses to start over them.
+            self.lab.run(node, ["rm", "-f", "/run/keepalived.pid", "/run/keepalived-vrrp.pid"], check=False)
+            argv = ["keepalived", "-n", "-l", "-D", "-f", str(hooks / "keepalived.conf"),
+                    "-p", "/run/keepalived.pid", "-r", "/run/keepalived-vrrp.pid"]  # fmt: skip
+        else:
+            base = ["-b", "0", "-k", str(UCARP_SKEW[node]), "-r", "3"] if self.tuned else ["-b", "1", "-k", str(UCARP_SKEW[node] // 10), "-r", "3"]
+            argv = ["ucarp", "-i", topo.NODE_IFACE, "-s", n.ip, "-v", "1", "-p", "hastpy-lab", "-a", topo.VIP,
+                    "-u", str(hooks / "vip-up.sh"), "-d", str(hooks / "vip-down.sh"), "-z", "-x", node, *base]  # fmt: skip
+        self.vip_procs[node] = self.lab.spawn(node, argv, log=log)
+
+    def start(self) -> str:
+        """Start the VIP managers; returns the node that became primary with the mount."""
+        self.start_vip("node-a")
+        self.wait("node-a primary and mounted", lambda: self.mounted("node-a"))
+        self.start_vip("node-b")
+        self.wait("node-b secondary and connected", lambda: self.status("node-a").get("status") == "complete")
+        return "node-a"
+
+    # -- the verifying writer -------------------------------------------------------------------
+
+    def start_writer(self, node: str) -> None:
+        self.acks_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "hastpy.lab.writer", "write", f"{MOUNTPOINT}/{JOURNAL}", str(self.acks_file)]
+        self.writer = self.lab.spawn(node, argv, log=self.ndir(node) / "writer.log")
+        self.wait("first acknowledged write", lambda: self.acks_file.exists() and self.acks_file.stat().st_size > 0)
+
+    def verify(self, node: str) -> dict:
+        argv = [sys.executable, "-m", "hastpy.lab.writer", "verify", f"{MOUNTPOINT}/{JOURNAL}", str(self.acks_file)]
+        return json.loads(self.lab.run(node, argv, timeout=300).stdout)
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def fail(self, node: str, how: str = "kill") -> FailoverResult:
+        """Kill (kill -9 of hastd, its workers and the VIP manager) or cut `node`; wait until the
+        other node holds the VIP, is primary and has the filesystem mounted; verify the data."""
+        survivor = self.other(node)
+        time.sleep(0.5)  # let the writer get some acknowledgements in
+        t0 = time.monotonic()
+        if how == "kill":
+            self.lab.kill(node)
+        else:
+            self.lab.cut(node)
+        self.wait(f"{survivor} mounted", lambda: self.mounted(survivor))
+        seconds = time.monotonic() - t0
+        if self.writer is not None:
+            self.writer.kill()
+            self.writer.wait()
+        v = self.verify(survivor)
+        return FailoverResult(seconds, v["acked"], v["nmissing"])
+
+    def rejoin(self, node: str, how: str = "kill") -> dict:
+        """Bring a failed node back as secondary; returns the survivor's status after the resync."""
+        survivor = self.other(node)
+        if how == "cut":
+            self.lab.heal(node)
+            self.wait(f"{node} demoted", lambda: not self.mounted(node))
+        else:
+            # The killed node's mount sits on a device whose server died: unmount it lazily, then
+            # hastd's start-up removes the stale device.
+            self.lab.run(node, ["umount", "-l", MOUNTPOINT], check=False)
+            self.start_hastd(node)
+            self.start_vip(node)
+        self.wait(f"{node} back as secondary", lambda: self.status(node).get("role") == "secondary")
+
+        def synced():
+            st = self.status(survivor)
+            return st.get("status") == "complete" and st.get("sync", {}).get("state") == "done" and not st["sync"]["pending"]
+
+        self.wait("resync", synced, timeout=300)
+        return self.status(survivor)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            self.lab.kill(node)
