@@ -7,10 +7,12 @@ BIN    := $(VENV)/bin
 # Debian packages the tests and the demo run for real: NBD clients and nbdkit (baseline and
 # cross-checks), FUSE and loop tools for /dev/hast, fio, the VIP daemons, sshd for the lab.
 APT_PACKAGES := nbdkit libnbd-bin fuse3 fio qemu-utils e2fsprogs xfsprogs iproute2 psmisc \
-                ucarp keepalived openssh-server iputils-ping arping iptables util-linux
+                ucarp keepalived openssh-server iputils-ping arping iptables util-linux \
+                qemu-system-x86 debootstrap vagrant python3-venv python3-setuptools
 # The pure modules whose branch coverage the test command enforces (issue: >= 95 %).
 PURE_MODULES := hastpy/config.py,hastpy/nv.py,hastpy/metadata.py,hastpy/activemap.py,\
-hastpy/syncdecide.py,hastpy/rangelock.py,hastpy/proto/*.py,hastpy/nbd/codec.py
+hastpy/syncdecide.py,hastpy/rangelock.py,hastpy/proto/*.py,hastpy/nbd/codec.py,\
+hastpy/attach/netlink.py
 PURE_COVERAGE_MIN := 95
 
 .PHONY: test demo deps venv unit clean

@@ -134,6 +134,9 @@ class Failover:
         deadline = time.monotonic() + self.t["device"]
         while True:
             st = self.status()
+            if st.get("attach") == "none":
+                self.step("No device (attach none): the export is %s.", st.get("nbd_socket"))
+                return
             if st.get("device_ready") or (os.path.exists(self.device) and st.get("workerpid")):
                 self.step("Device %s is ready.", self.device)
                 return

@@ -49,11 +49,22 @@ log = logging.getLogger("hastd")
 LOCAL_THREADS = 8  # concurrent local disk I/Os; hastd has one (queue depth 1)
 RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while degraded (hastd: 10 s guard)
 WAIT_RETRY = 1.0  # hastd: a peer that answers "wait" (still primary) is retried every 1 s
+SPLIT_BRAIN_RETRY = 10.0  # hastd's guard interval: how often a split-brain peer is retried
 FIRST_CONNECT_TIMEOUT = 3.0  # bound on the first connect so a dead peer does not delay service
 SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
+KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
 NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
 
 SPLIT_BRAIN_ERRMSG = syncdecide.SPLIT_BRAIN_ERRMSG
+
+
+def keepalive_interval(version: int, timeout: int) -> float:
+    """Seconds of silence before a keepalive. hastd: 10 s, and its secondary gives up after 20 s.
+    A v3 (hastpy) secondary gives up after `timeout`, so a dead link is noticed in `timeout`
+    rather than 20 s: keepalives then go out three times per timeout."""
+    if version >= msg.PROTO_VERSION_MAXIO:
+        return min(const.KEEPALIVE_INTERVAL, timeout / KEEPALIVES_PER_TIMEOUT)
+    return const.KEEPALIVE_INTERVAL
 
 
 class RemoteError(Exception):
@@ -84,6 +95,7 @@ class Link:
         self._send_lock = threading.Lock()  # guards `out`: whole frames, never interleaved
         self._seq = itertools.count(2)  # seq 1 is hastd's sync seq; ours are unique
         self.last_send = time.monotonic()
+        self.keepalive = keepalive_interval(version, primary.res.timeout)
 
     def start(self) -> None:
         threading.Thread(target=self._send_loop, name="remote-send", daemon=True).start()
@@ -143,10 +155,10 @@ class Link:
         try:
             while not self.closed:
                 try:
-                    item = self.sendq.get(timeout=const.KEEPALIVE_INTERVAL)
+                    item = self.sendq.get(timeout=self.keepalive)
                 except queue.Empty:
                     # Keepalive only if nothing at all went out (inline sends count) for that long.
-                    if time.monotonic() - self.last_send >= const.KEEPALIVE_INTERVAL:
+                    if time.monotonic() - self.last_send >= self.keepalive:
                         with self._send_lock:
                             send_frame(self.out, self.version, msg.Request.keepalive().to_nv())
                             self.last_send = time.monotonic()
@@ -670,7 +682,7 @@ class Primary:
         return Link(self, out, inn, version, maxio)
 
     def try_connect(self, timeout: float) -> str:
-        """"connected", "wait" (the peer is still primary) or "failed"."""
+        """"connected", "wait" (the peer is still primary), "split-brain" or "failed"."""
         try:
             link = self.handshake(timeout)
         except WaitForPeer as exc:
@@ -678,7 +690,7 @@ class Primary:
             return "wait"
         except (OSError, HastError, RemoteError) as exc:
             log.debug("Unable to connect to %s: %s", self.res.remote, exc)
-            return "failed"
+            return "split-brain" if str(exc) == SPLIT_BRAIN_ERRMSG else "failed"
         with self._link_lock:
             self.link = link
         link.start()
@@ -690,9 +702,12 @@ class Primary:
 
     def guard(self) -> None:
         while not self._stop.is_set():
-            if self.link is None:
-                self.try_connect(self.res.timeout)
-            self._stop.wait(RECONNECT_INTERVAL)
+            wait = RECONNECT_INTERVAL
+            if self.link is None and self.try_connect(self.res.timeout) == "split-brain":
+                # Each attempt fires the split-brain hook on both nodes: retry at hastd's pace
+                # (its guard runs every 10 s), not every second, until an operator resolves it.
+                wait = SPLIT_BRAIN_RETRY
+            self._stop.wait(wait)
 
     # -- synchronization ------------------------------------------------------------------------
 

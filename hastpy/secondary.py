@@ -37,8 +37,10 @@ log = logging.getLogger("hastd")
 
 # Concurrent disk I/Os; hastd has one disk thread (queue depth 1), which caps throughput.
 DISK_THREADS = 8
-# hast.md §4.2: the secondary's receive socket times out after twice the keepalive interval.
-RECV_TIMEOUT = 2 * const.KEEPALIVE_INTERVAL
+# hast.md §4.2: the secondary's receive socket times out after twice the keepalive interval
+# (a hastd primary sends one every 10 s). A v3 (hastpy) primary keeps the link busier, and its
+# secondary gives up after the resource's `timeout` instead (primary.keepalive_interval).
+HASTD_RECV_TIMEOUT = 2 * const.KEEPALIVE_INTERVAL
 # Fault injection for tests of the acknowledgement point: while the file this variable names
 # exists, disk writes wait (after the memsync "received" ack has gone out). Unset in production.
 TEST_HOLD_ENV = "HASTPY_TEST_HOLD_DISK"
@@ -192,12 +194,13 @@ class Secondary:
 
     def serve(self) -> int:
         stream = FrameStream(self.reqsock, self.version, self.maxio)
-        set_timeout(self.reqsock, RECV_TIMEOUT)
+        recv_timeout = self.res.timeout if self.version >= msg.PROTO_VERSION_MAXIO else HASTD_RECV_TIMEOUT
+        set_timeout(self.reqsock, recv_timeout)
         try:
             while True:
                 self.handle(stream.recv())
         except TimeoutError:
-            log.warning("No request from the primary for %d s: disconnecting.", RECV_TIMEOUT)
+            log.warning("No request from the primary for %d s: disconnecting.", recv_timeout)
         except (ConnectionError, OSError) as exc:
             log.warning("Connection to the primary lost: %s.", exc)
         except RemoteProtocolError as exc:

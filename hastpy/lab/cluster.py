@@ -24,9 +24,13 @@ JOURNAL = "journal"
 BIN = Path(sys.executable).parent
 # keepalived: priority decides the first master; nopreempt keeps the VIP where it is afterwards.
 PRIORITY = {"node-a": 150, "node-b": 100}
-# ucarp: the node with the smaller skew wins the first election.
-UCARP_SKEW = {"node-a": 10, "node-b": 40}
+# ucarp has no "nopreempt": a master yields to an advert with a smaller skew, and a backup whose
+# own advert interval is shorter than the master's declares it dead. So both nodes get the same
+# skew: a backup then waits three of the master's intervals (-r 3) and a rejoining node never
+# takes the service back; the first election is decided by start order.
+UCARP_SKEW = 20
 STEP_TIMEOUT = 60.0
+RESYNC_TIMEOUT = 120.0  # a lab resync is a few dirty extents: seconds; this bounds a stuck one
 POLL = 0.02
 
 CONF = """\
@@ -160,7 +164,9 @@ class Cluster:
             argv = ["keepalived", "-n", "-l", "-D", "-f", str(hooks / "keepalived.conf"),
                     "-p", "/run/keepalived.pid", "-r", "/run/keepalived-vrrp.pid"]  # fmt: skip
         else:
-            base = ["-b", "0", "-k", str(UCARP_SKEW[node]), "-r", "3"] if self.tuned else ["-b", "1", "-k", str(UCARP_SKEW[node] // 10), "-r", "3"]
+            # Tuned: advbase 0 with a skew gives sub-second adverts (reference/lab.md §1).
+            base = ["-b", "0", "-k", str(UCARP_SKEW)] if self.tuned else ["-b", "1", "-k", "0"]
+            base += ["-r", "3"]
             argv = ["ucarp", "-i", topo.NODE_IFACE, "-s", n.ip, "-v", "1", "-p", "hastpy-lab", "-a", topo.VIP,
                     "-u", str(hooks / "vip-up.sh"), "-d", str(hooks / "vip-down.sh"), "-z", "-x", node, *base]  # fmt: skip
         self.vip_procs[node] = self.lab.spawn(node, argv, log=log)
@@ -223,8 +229,23 @@ class Cluster:
             st = self.status(survivor)
             return st.get("status") == "complete" and st.get("sync", {}).get("state") == "done" and not st["sync"]["pending"]
 
-        self.wait("resync", synced, timeout=300)
+        try:
+            self.wait("resync", synced, timeout=RESYNC_TIMEOUT)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.diagnostics()}") from None
         return self.status(survivor)
+
+    def diagnostics(self, lines: int = 15) -> str:
+        """Both nodes' status and log tails, for a failure message."""
+        out = []
+        for node in self.nodes:
+            out.append(f"== {node}: {json.dumps(self.status(node))}")
+            for name in ("hastd.log", "failover.log", f"{self.vip}.log"):
+                path = self.ndir(node) / name
+                if path.exists():
+                    tail = path.read_text(errors="replace").splitlines()[-lines:]
+                    out.append(f"-- {node}/{name}:\n" + "\n".join(tail))
+        return "\n".join(out)
 
     def stop(self) -> None:
         for node in self.nodes:

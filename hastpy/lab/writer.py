@@ -35,6 +35,12 @@ def check(data: bytes, seq: int) -> bool:
 
 def write(path: str, acks: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DSYNC, 0o644)
+    # The file's directory entry is metadata O_DSYNC does not cover: make it durable before the
+    # first acknowledgement, or a crash can lose the whole file.
+    os.fsync(fd)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dirfd)
+    os.close(dirfd)
     ack = os.open(acks, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     seq = 0
     while True:

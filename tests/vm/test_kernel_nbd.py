@@ -21,7 +21,7 @@ import pytest
 
 from .guest import Guest, GuestError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
 GUEST_TEST = Path(__file__).with_name("guest_test.py")
 BOOT_TIMEOUT = 240  # seconds from qemu start to power-off; a normal run takes about 70 s
