@@ -66,7 +66,7 @@ class Secondary:
         self._bitmap_cleared = False
         self.stats = {k: 0 for k in ("reads", "writes", "deletes", "flushes", "read_errors", "write_errors", "delete_errors", "flush_errors")}
         self.pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk")
-        self._hold_path = os.environ.get(TEST_HOLD_ENV)
+        self._hold = _open_hold(os.environ.get(TEST_HOLD_ENV))
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class Secondary:
                     pass
 
     def _test_hold(self) -> None:
-        while self._hold_path and os.path.exists(self._hold_path):
+        while self._hold is not None and _exists_at(*self._hold):
             time.sleep(_HOLD_POLL)
 
     # -- receive loop ---------------------------------------------------------------------------
@@ -208,6 +208,24 @@ class Secondary:
         self.channel.event("disconnect")
         self.pool.shutdown(wait=True)
         return os.EX_TEMPFAIL
+
+
+def _open_hold(path: str | None) -> tuple[int, str] | None:
+    """The test hook's file as (directory fd, name). The directory is opened now, before the
+    worker drops privileges: user `hast` may not be able to reach it by path (a test's 0700
+    temporary directories), but it can still look the name up in a directory it holds open."""
+    if not path:
+        return None
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
 
 
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):

@@ -573,7 +573,9 @@ class Supervisor:
     def _peer_first_frame(self, conn: socket.socket) -> None:
         try:
             tune(conn, HANDSHAKE_TIMEOUT)
-            frame = recv_one(conn, msg.PROTO_VERSION)
+            # A hello never carries a payload: refuse one rather than buffer up to 16 MiB for
+            # every connection anyone opens to the port.
+            frame = recv_one(conn, msg.PROTO_VERSION, max_payload=0)
         except (OSError, ConnectionError, ProtocolError, NvError) as exc:
             log.warning("Unable to receive a handshake from a peer: %s.", exc)
             conn.close()

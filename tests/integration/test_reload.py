@@ -1,0 +1,146 @@
+"""SIGHUP: hastd re-reads hast.conf, applies a valid change, keeps the old one if the new is broken."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from harness import MiB, free_subnet, sha, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _names(node) -> list[str]:
+    return [r["name"] for r in json.loads(node.hastctl("status", "--json").stdout)]
+
+
+def _reloaded(node, count: int) -> None:
+    wait_for(lambda: node.log.read_text().count("Reloading configuration...") >= count, what=f"{node.name} reload #{count}")
+    wait_for(lambda: node.log.read_text().count("Configuration reloaded.") + node.log.read_text().count("Reload failed")
+             >= count, what=f"{node.name} reload #{count} finished")  # fmt: skip
+
+
+def test_new_resource_appears_and_replicates(make_pair):
+    pair = make_pair(size=32 * MiB).start()
+    pid_before = pair.a.status()["workerpid"]
+    pair.a.params["resources"] = ["data", "extra"]
+    pair.write_conf()
+    for n in (pair.a, pair.b):
+        pair.create(n, "extra")
+        n.reload()
+        _reloaded(n, 1)
+        wait_for(lambda n=n: _names(n) == ["data", "extra"], what="new resource listed")
+        assert n.status("extra")["role"] == "init"
+        assert f"[extra] Resource added (role init)." in n.log.read_text()
+    # The unchanged resource was not touched.
+    assert pair.a.status()["workerpid"] == pid_before
+    pair.b.role("secondary", "extra")
+    pair.a.role("primary", "extra")
+    pair.wait_complete(res="extra")
+    c = pair.a.client("extra")
+    c.pwrite(MiB, os.urandom(MiB))
+    c.flush()
+    c.disconnect()
+    assert sha(pair.a.data("extra")) == sha(pair.b.data("extra"))
+
+
+def test_changed_resource_settings_are_applied(make_pair):
+    pair = make_pair(size=32 * MiB).start()
+    st = pair.a.status()
+    assert (st["checksum"], st["replication"]) == ("none", "fullsync")
+    old_pid = st["workerpid"]
+    pair.a.params["timeout"] = 7
+    pair.a.params["res_extra"] = {"data": ["checksum crc32", "replication memsync"]}
+    pair.write_conf()
+    for n in (pair.a, pair.b):
+        n.reload()
+        _reloaded(n, 1)
+    st = pair.a.status()
+    assert (st["checksum"], st["replication"]) == ("crc32", "memsync")
+    assert st["workerpid"] != old_pid  # restarted with the new settings
+    assert "[data] Resource configuration changed: restarted in role primary." in pair.a.log.read_text()
+    assert pair.b.status()["role"] == "secondary"
+    pair.wait_complete()
+    c = pair.a.client()
+    c.pwrite(0, os.urandom(MiB))
+    c.flush()
+    c.disconnect()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_removed_resource_goes_to_init_with_a_role_hook(make_pair, tmp_path):
+    log = tmp_path / "hooks.log"
+    hook = tmp_path / "hook-{node}.sh"
+    for node in ("node-a", "node-b"):
+        p = tmp_path / f"hook-{node}.sh"
+        p.write_text(f'#!/bin/sh\necho "{node} $*" >> {log}\n')
+        p.chmod(0o755)
+    pair = make_pair(size=32 * MiB, resources=["data", "gone"], exec=str(hook)).start()
+    wait_for(lambda: log.exists() and "node-a role gone init primary" in log.read_text(), what="role hook")
+    pair.a.params["resources"] = ["data"]
+    pair.write_conf()
+    pair.a.reload()
+    _reloaded(pair.a, 1)
+    wait_for(lambda: _names(pair.a) == ["data"], what="resource removed")
+    wait_for(lambda: "node-a role gone primary init" in log.read_text(), what="role hook on removal")
+    assert not pair.a.worker_pids("gone")
+    assert not os.path.exists(pair.a.nbd_socket_of("gone"))
+    assert pair.a.status()["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "resource {\n",  # syntax error
+        "resource data {\n    on node-a {\n        local /dev/null\n    }\n",  # unterminated
+        "\x00\x01\x02 garbage\n",
+        None,  # the file is gone
+    ],
+)
+def test_broken_config_keeps_the_old_one(make_pair, broken):
+    pair = make_pair(size=32 * MiB).start()
+    before = pair.a.status()
+    if broken is None:
+        pair.a.conf.unlink()
+    else:
+        pair.a.conf.write_text(broken)
+    pair.a.reload()
+    wait_for(lambda: "Reload failed, keeping the old configuration" in pair.a.log.read_text(), what="reload error")
+    assert pair.a.proc.poll() is None
+    # hastctl needs a readable config to find the control socket: give it the old one back.
+    pair.write_conf()
+    st = pair.a.status()
+    assert (st["role"], st["workerpid"], st["status"]) == ("primary", before["workerpid"], "complete")
+    c = pair.a.client()
+    c.pwrite(0, os.urandom(MiB))
+    c.disconnect()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_unbindable_listen_address_keeps_the_old_config(make_pair):
+    """A reload whose `listen` cannot be bound fails as a whole: hastd keeps listening where it
+    did, and the resources keep replicating (the secondary still accepts the primary)."""
+    pair = make_pair(size=32 * MiB).start()
+    taken_ip, _ = free_subnet()
+    with socket.socket() as squatter:
+        squatter.bind((taken_ip, 8457))
+        squatter.listen(1)
+        pair.b.params["extra"] = [f"listen {taken_ip}:8457"]  # a second `listen`: both are used
+        pair.b.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+        pair.b.params["extra"] = []
+        pair.b.reload()
+        wait_for(lambda: "Reload failed, keeping the old configuration" in pair.b.log.read_text(), what="reload error")
+        assert pair.b.proc.poll() is None
+    pair.b.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+    assert pair.b.status()["role"] == "secondary"
+    # Force a new connection to the secondary's listener: it must still be there.
+    pair.a.role("init")
+    pair.a.role("primary")
+    pair.wait_complete()
+    c = pair.a.client()
+    c.pwrite(0, os.urandom(MiB))
+    c.disconnect()
+    assert sha(pair.a.data()) == sha(pair.b.data())

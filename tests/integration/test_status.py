@@ -1,0 +1,160 @@
+"""`hastctl list` / `hastctl status` against real pairs: counters equal what the test did (hast.md §9).
+
+The primary counts every NBD request it served; the secondary counts the requests it received
+from the primary. I/Os here are at most 1 MiB (the negotiated maxio), so each is one request on
+the wire and the two nodes' counters match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+
+import pytest
+
+from harness import MiB, sha, wait_for
+
+pytestmark = pytest.mark.integration
+
+STAT_KEYS = ("reads", "writes", "deletes", "flushes", "read_errors", "write_errors", "delete_errors", "flush_errors")
+
+
+def _list_json(node, res=None) -> dict:
+    return json.loads(node.hastctl("list", "--json", *([res] if res else [])).stdout)[0]
+
+
+def _list_text_stats(node) -> dict[str, str]:
+    """The `statistics:` block of `hastctl list`, as {label: rest of line}."""
+    text = node.hastctl("list").stdout
+    lines = text.splitlines()
+    i = lines.index("  statistics:")
+    out = {}
+    for line in lines[i + 1 :]:
+        m = re.fullmatch(r"    ([a-z ]+): (.*)", line)
+        if not m:
+            break
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_counters_match_the_io_done(make_pair):
+    pair = make_pair(size=64 * MiB).start()
+    ext = pair.a.status()["extentsize"]
+    rng = random.Random(11)
+    c = pair.a.client()
+    # A working set of 4 extents, well inside keepdirty (64).
+    hot = [3, 4, 10, 20]
+    nwrites = 120
+    for _ in range(nwrites):
+        e = rng.choice(hot)
+        length = rng.randrange(1, 65) * 4096
+        off = e * ext + rng.randrange(0, (ext - length) // 4096 + 1) * 4096
+        c.pwrite(off, rng.randbytes(length))
+    nreads = 37
+    for _ in range(nreads):
+        c.pread(rng.randrange(0, (c.size - MiB) // 512) * 512, rng.choice((512, 4096, MiB)))
+    ntrims = 5
+    for i in range(ntrims):
+        c.trim(hot[i % len(hot)] * ext + 128 * 1024, 256 * 1024)
+    nflushes = 3
+    for _ in range(nflushes):
+        c.flush()
+    c.disconnect()
+
+    a = _list_json(pair.a)
+    st = a["statistics"]
+    assert (st["reads"], st["writes"], st["deletes"], st["flushes"]) == (nreads, nwrites, ntrims, nflushes)
+    assert st["read_errors"] == st["write_errors"] == st["delete_errors"] == st["flush_errors"] == 0
+    # One bitmap write per extent of the working set, the first time it is written.
+    assert 1 <= st["activemap_updates"] <= len(hot)
+    assert a["dirty"] == 0
+    assert a["status"] == "complete"
+
+    # The secondary received every write, trim and flush; reads were served locally.
+    b = _list_json(pair.b)
+    sb = b["statistics"]
+    assert (sb["reads"], sb["writes"], sb["deletes"], sb["flushes"]) == (0, nwrites, ntrims, nflushes)
+    assert sb["read_errors"] == sb["write_errors"] == sb["delete_errors"] == sb["flush_errors"] == 0
+    assert b["role"] == "secondary"
+
+    # The text form says the same.
+    text = _list_text_stats(pair.a)
+    assert text["reads"] == str(nreads)
+    assert text["writes"] == str(nwrites)
+    assert text["deletes"] == str(ntrims)
+    assert text["flushes"] == str(nflushes)
+    assert text["activemap updates"] == str(st["activemap_updates"])
+    assert text["local errors"] == "read: 0, write: 0, delete: 0, flush: 0"
+    assert text["queues"].startswith("local: ")
+    tb = _list_text_stats(pair.b)
+    assert (tb["reads"], tb["writes"], tb["deletes"], tb["flushes"]) == ("0", str(nwrites), str(ntrims), str(nflushes))
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_activemap_updates_track_writes_beyond_keepdirty(make_pair):
+    """keepdirty 4, writes round-robin over 16 extents: every write lands in an extent that is no
+    longer marked on disk, so (nearly) every write costs a bitmap update."""
+    pair = make_pair(size=64 * MiB, create_args=["-k", "4"]).start()
+    a = pair.a.status()
+    assert a["keepdirty"] == 4
+    ext = a["extentsize"]
+    c = pair.a.client()
+    nwrites = 64
+    for i in range(nwrites):
+        c.pwrite((i % 16) * ext + 8192, os.urandom(4096))
+    c.disconnect()
+    st = pair.a.status()["statistics"]
+    assert st["writes"] == nwrites
+    assert nwrites * 0.9 <= st["activemap_updates"] <= nwrites + 2
+
+
+def test_activemap_updates_within_keepdirty_are_rare(make_pair):
+    pair = make_pair(size=64 * MiB, create_args=["-k", "4"]).start()
+    ext = pair.a.status()["extentsize"]
+    c = pair.a.client()
+    nwrites = 64
+    for i in range(nwrites):
+        c.pwrite((i % 4) * ext + 8192, os.urandom(4096))
+    c.disconnect()
+    st = pair.a.status()["statistics"]
+    assert st["writes"] == nwrites
+    assert st["activemap_updates"] <= 4
+
+
+def test_status_text_and_json(make_pair):
+    pair = make_pair(size=64 * MiB).start()
+    header = "Name\tStatus\t Role\t\tComponents"
+    rows = {}
+    for node, peer, role in ((pair.a, pair.ip_b, "primary"), (pair.b, pair.ip_a, "secondary")):
+        out = node.hastctl("status").stdout.splitlines()
+        assert out[0] == header
+        assert out[1] == f"data\t{'complete':<9}{role:<15}{node.disk}\t{peer}"
+        assert len(out) == 2
+        rows[node.name] = json.loads(node.hastctl("status", "--json").stdout)
+    for name, role in (("node-a", "primary"), ("node-b", "secondary")):
+        (r,) = rows[name]
+        assert (r["name"], r["role"], r["status"]) == ("data", role, "complete")
+        assert r["workerpid"] > 0
+
+    # The secondary goes away: the primary is degraded, the secondary has no worker ("-").
+    pair.b.role("init")
+    wait_for(lambda: pair.a.status()["status"] == "degraded", what="degraded")
+    assert pair.a.hastctl("status").stdout.splitlines()[1] == f"data\t{'degraded':<9}{'primary':<15}{pair.a.disk}\t{pair.ip_b}"
+    assert pair.b.hastctl("status").stdout.splitlines()[1] == f"data\t{'-':<9}{'init':<15}{pair.b.disk}\t{pair.ip_a}"
+    (r,) = json.loads(pair.b.hastctl("status", "--json").stdout)
+    assert (r["role"], r["workerpid"]) == ("init", 0)
+
+
+def test_status_of_several_resources_and_unknown_names(make_pair):
+    pair = make_pair(size=32 * MiB, resources=["data", "logs"]).start()
+    out = pair.a.hastctl("status").stdout.splitlines()
+    assert out[0] == "Name\tStatus\t Role\t\tComponents"
+    assert [line.split("\t")[0] for line in out[1:]] == ["data", "logs"]
+    assert out[2] == f"logs\t{'complete':<9}{'primary':<15}{pair.a.disk_of('logs')}\t{pair.ip_b}"
+    (only,) = json.loads(pair.a.hastctl("status", "--json", "logs").stdout)
+    assert only["name"] == "logs"
+    cp = pair.a.hastctl("status", "nosuch", check=False)
+    assert cp.returncode != 0
+    assert "nosuch" in cp.stderr
