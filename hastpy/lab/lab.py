@@ -237,6 +237,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _dead_backing(device: str) -> bool:
+    """A loop device still bound to a backing file the kernel can no longer stat (its FUSE
+    server is gone): LOOP_GET_STATUS64 fails with ENOTCONN."""
+    from hastpy.attach.fuse import DEAD_BACKING, loop_backing_dev
+
+    return loop_backing_dev(device) == DEAD_BACKING
+
+
 def kill_hard(select: Callable[[], list[Proc]], timeout: float = 10.0) -> list[int]:
     """SIGKILL what ``select`` returns, like a crash: freeze everything first (SIGSTOP, rescanning
     until no new process appears, so that a parent cannot respawn a child in between, as
@@ -768,8 +776,12 @@ class Lab:
             if self._cmd(["umount", m.mountpoint], check=False).returncode != 0:
                 self._cmd(["umount", "-l", m.mountpoint], check=False)
 
-        loops = {lo["name"]: lo for lo in loops_before + self.loops(private_devs)}.values()
-        loops = list(loops)
+        loops = {lo["name"]: lo for lo in loops_before + self.loops(private_devs)}
+        # Loops recorded by `kill` that are still bound to a file whose FUSE server died.
+        for name in state.get("crashed_loops", []):
+            if _dead_backing(name):
+                loops.setdefault(name, {"name": name, "file": "", "ino": None, "majmin": ""})
+        loops = list(loops.values())
         for lo in loops:
             self._cmd(["losetup", "-d", lo["name"]], check=False)
         deadline = time.monotonic() + 5.0
@@ -842,6 +854,13 @@ class Lab:
             victims.update({p.pid: p for p in found})
             return found
 
+        # Loops over a FUSE file in the node must be recorded before nbdfuse dies: afterwards the
+        # kernel no longer reports their backing device, and `down` could not tell they are ours.
+        loops = [lo["name"] for lo in self.loops(self._node_private_devs())]
+        if loops:
+            state = self._load_state()
+            state["crashed_loops"] = sorted(set(state.get("crashed_loops", [])) | set(loops))
+            self._save_state(state)
         kill_hard(select)
         return sorted(victims.values(), key=lambda p: p.pid)
 
