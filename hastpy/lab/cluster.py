@@ -140,7 +140,10 @@ class Cluster:
         self.hastctl("node-a", "role", "primary", RESOURCE)
         self.wait("node-a connected", lambda: self.status("node-a").get("status") == "complete")
         self.hastctl("node-a", "promote", RESOURCE)  # waits for /dev/hast/data
-        self.lab.run("node-a", ["mkfs.ext4", "-q", "-F", f"/dev/hast/{RESOURCE}"], timeout=120)
+        # No lazy init: ext4lazyinit would otherwise keep zeroing inode tables in the background
+        # for minutes after each mount, writes that make replica comparisons race.
+        mkfs = ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", f"/dev/hast/{RESOURCE}"]
+        self.lab.run("node-a", mkfs, timeout=120)
         self.hastctl("node-a", "role", "secondary", RESOURCE)
         for node in self.nodes:
             self.render_hooks(node)
