@@ -50,7 +50,7 @@ def _why_not() -> str | None:
         if not os.path.exists(dev):
             return f"no {dev}"
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    return f"missing {', '.join(missing)}" if missing else None
+    return f"{', '.join(missing)} not installed" if missing else None
 
 
 pytestmark = [
