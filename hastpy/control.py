@@ -10,8 +10,12 @@ Requests (hastctl -> hastd):
 Reply:
     {"resources": [{"name": ..., "error": "...", ...fields}], "error": "..." (whole request failed)}
 
-hastd -> worker: {"cmd": "status"} -> {status fields}; worker -> hastd (unsolicited, on the event
-socket): {"event": "connect"|"disconnect"|"syncstart"|"syncdone"|"syncintr"|"split-brain", ...}.
+hastd -> worker: {"cmd": "status", "id": N} -> {"reply": {status fields}, "id": N} (the id is
+echoed so that a reply too late for one request is never taken for the next); worker -> hastd
+(unsolicited, on the event socket): {"event": "connect"|"disconnect"|"syncstart"|"syncdone"|
+"syncintr"|"split-brain"|"ready", ...}.
+
+A per-resource reply entry of a role request may carry "exit_code" (sysexits) for hastctl.
 """
 
 from __future__ import annotations

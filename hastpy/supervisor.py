@@ -43,6 +43,15 @@ LOOP_TICK = 0.2  # hooks are polled and restarts fired at least this often
 CONTROL_READ_TIMEOUT = 5.0
 
 
+class WorkerStartError(HastError):
+    """A primary worker could not be started (fork, its NBD socket): the resource went back to init.
+
+    hastd's rule (hastd.c child_exit): a primary whose worker cannot run is not left pretending
+    to be primary; it is changed back to init, and the reason is kept for `hastctl list`."""
+
+    exit_code = os.EX_OSERR
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen
@@ -65,6 +74,7 @@ class ResState:
     restart_at: float | None = None  # a crashed primary worker restarts at this time
     att: attachmod.Attachment | None = None  # /dev/hast/<provname> while the primary serves
     attach_error: str | None = None  # why the last attach failed, for hastctl list
+    worker_error: str | None = None  # why the role fell back to init (worker failed), for hastctl list
     events: list = field(default_factory=list)
 
 
@@ -84,6 +94,7 @@ class Supervisor:
         self.control_path = ""
         self.listeners: list[socket.socket] = []
         self.running = True
+        self._status_seq = 0  # ids of status requests to workers, so a late reply is never taken for a newer one
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -256,40 +267,73 @@ class Supervisor:
         return os.path.join(os.path.dirname(self.control_path) or ".", f"hastd-{name}.nbd")
 
     def spawn(self, rs: ResState, role: str, fds: dict[str, int], extra: dict) -> None:
+        """Start a worker and register it as rs.worker; or raise OSError with no process left
+        running and no socket left open (the caller then decides the resource's role)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pass_fds = [child.fileno(), *fds.values()]
         # The title hastd's failover scripts look for ("hastd: <res> (<role>)") is the last
         # argument, so `pgrep -f` finds it; argv[0] must stay the interpreter for venvs to work.
         title = f"hastd: {rs.res.name} ({role})"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hastpy.worker", str(child.fileno()), title],
-            pass_fds=pass_fds,
-            stdin=subprocess.DEVNULL,
-        )
-        child.close()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hastpy.worker", str(child.fileno()), title],
+                pass_fds=pass_fds,
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
         spec = {"role": role, "resource": asdict(rs.res), "fds": fds, "debug": self.debug, **extra}
-        control.send(parent, spec)
+        try:
+            control.send(parent, spec)
+        except OSError:
+            # Not registered anywhere yet: reap it here, or it would run (or linger as a
+            # zombie) unseen by _reap.
+            proc.kill()
+            proc.wait()
+            parent.close()
+            raise
         rs.worker = Worker(proc, parent, control.LineReader(parent), role, time.monotonic())
         self.sel.register(parent, selectors.EVENT_READ, ("worker", rs))
         log.info("[%s] Worker started (pid=%d, %s).", rs.res.name, proc.pid, role)
 
     def start_primary(self, rs: ResState) -> None:
+        """Bind the NBD socket and spawn the primary worker. OSError (nothing left running, no
+        worker registered) if either fails; callers go through _start_primary_or_init."""
         path = self.nbd_path(rs.res.name)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
         try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(8)
-        try:
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(8)
             self.spawn(rs, "primary", {"nbd": sock.fileno()}, {"nbd_path": path})
         finally:
-            sock.close()
+            sock.close()  # the worker has its own copy of the listening socket
+
+    def _start_primary_or_init(self, rs: ResState) -> str | None:
+        """Start the worker of a resource whose role is primary. If that fails, the role goes
+        back to init (a primary with no worker would answer nothing and report itself primary)
+        and the reason is logged, kept for `hastctl list`, and returned; None on success."""
+        try:
+            self.start_primary(rs)
+        except OSError as exc:
+            why = f"unable to start the primary worker: {exc}"
+            rs.worker_error = why
+            rs.role = "init"
+            log.error("[%s] U%s; role changed back to init.", rs.res.name, why[1:])
+            self.hooks.run(rs.res.exec, "role", rs.res.name, "primary", "init", timeout=rs.res.hook_timeout)
+            return why
+        rs.worker_error = None
+        return None
 
     # -- /dev/hast ------------------------------------------------------------------------------
 
@@ -384,6 +428,7 @@ class Supervisor:
                 else:
                     log.error("[%s] Primary worker exited with status %d: role changed to init.", name, rc)
                     self.set_role_one(rs, "init")
+                    rs.worker_error = f"the primary worker exited with status {rc}"
             else:
                 log.info("[%s] Secondary worker exited (status %d).", name, rc)
 
@@ -393,7 +438,7 @@ class Supervisor:
             if rs.restart_at is not None and now >= rs.restart_at:
                 rs.restart_at = None
                 if rs.role == "primary" and rs.worker is None:
-                    self.start_primary(rs)
+                    self._start_primary_or_init(rs)
 
     def _worker_readable(self, rs: ResState) -> None:
         w = rs.worker
@@ -430,6 +475,8 @@ class Supervisor:
                 w.sock.settimeout(None)
 
     def _worker_message(self, rs: ResState, obj: dict) -> None:
+        """An unsolicited message. A status reply arriving here came after its request timed
+        out: it answers nothing any more and is dropped."""
         ev = obj.get("event")
         if ev == "ready":
             if rs.worker:
@@ -441,17 +488,32 @@ class Supervisor:
             self.hooks.run(rs.res.exec, ev, rs.res.name, timeout=rs.res.hook_timeout)
 
     def worker_status(self, rs: ResState) -> dict | None:
+        """The worker's status, or None if it has none or does not answer within STATUS_TIMEOUT.
+
+        Each request carries a fresh id and only the reply echoing it is taken: a worker that
+        answered too late for an earlier request has that reply skipped here (or dropped by
+        _drain_worker), never returned as the answer to this one. Events met while waiting are
+        handled as usual. The wait is bounded in total, however many events arrive meanwhile."""
         w = rs.worker
         if w is None:
             return None
+        self._status_seq += 1
+        want = self._status_seq
+        deadline = time.monotonic() + STATUS_TIMEOUT
         try:
-            control.send(w.sock, {"cmd": "status"})
-            w.sock.settimeout(STATUS_TIMEOUT)
+            control.send(w.sock, {"cmd": "status", "id": want})
             while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                w.sock.settimeout(remaining)
                 obj = w.reader.read()
                 if obj is None:
                     return None
                 if "reply" in obj:
+                    if obj.get("id") != want:
+                        log.debug("[%s] Dropped a late status reply (id %s).", rs.res.name, obj.get("id"))
+                        continue
                     self._drain_worker(rs, w)  # events that came in the same read
                     return obj["reply"]
                 self._worker_message(rs, obj)
@@ -465,7 +527,9 @@ class Supervisor:
 
     def set_role_one(self, rs: ResState, role: str, force: bool = False) -> str:
         """Change a role; DeviceBusy (nothing changed) if leaving primary while the device is
-        mounted or open, unless force."""
+        mounted or open, unless force. WorkerStartError if the new primary's worker cannot be
+        started: the old role's worker is gone by then and the role is init (see
+        _start_primary_or_init), as hastd leaves a primary whose worker fails."""
         old = rs.role
         if old == role:
             return old
@@ -473,11 +537,12 @@ class Supervisor:
         self.stop_worker(rs)
         self._drop_pending(rs)
         rs.restart_at = None
+        rs.worker_error = None
         rs.role = role
         log.info("[%s] Role changed to %s.", rs.res.name, role)
-        if role == "primary":
-            self.start_primary(rs)
         self.hooks.run(rs.res.exec, "role", rs.res.name, old, role, timeout=rs.res.hook_timeout)
+        if role == "primary" and (why := self._start_primary_or_init(rs)) is not None:
+            raise WorkerStartError(f"{why}; role changed to init")
         return old
 
     def _drop_pending(self, rs: ResState) -> None:
@@ -501,6 +566,8 @@ class Supervisor:
                     out.append({"name": name, "previous": self.set_role_one(rs, role, bool(req.get("force"))), "role": role})
                 except attachmod.DeviceBusy as exc:
                     out.append({"name": name, "error": str(exc), "busy": True})
+                except WorkerStartError as exc:
+                    out.append({"name": name, "error": str(exc), "role": rs.role, "exit_code": exc.exit_code})
             else:
                 out.append(self.status_one(rs))
         return {"resources": out}
@@ -523,6 +590,7 @@ class Supervisor:
             "device": rs.att.link if rs.att is not None else None,
             "device_ready": rs.att is not None,
             "attach_error": rs.attach_error,
+            "worker_error": rs.worker_error,
         }
         ws = self.worker_status(rs)
         if ws:
@@ -702,7 +770,10 @@ class Supervisor:
                     log.error("[%s] Configuration change not applied: the device is busy (%s).", name, exc)
                     continue
                 rs.res = r
-                self.set_role_one(rs, role)
+                try:
+                    self.set_role_one(rs, role)
+                except WorkerStartError:
+                    continue  # logged, role is init; the rest of the reload still applies
                 log.info("[%s] Resource configuration changed: restarted in role %s.", name, role)
         self.cfg = new
         log.info("Configuration reloaded.")

@@ -55,7 +55,9 @@ class Channel:
             try:
                 while (req := self.reader.read()) is not None:
                     if req.get("cmd") == "status":
-                        self.send({"reply": status_fn()})
+                        # Echo the request's id: the supervisor matches replies to requests
+                        # and drops one that comes after it stopped waiting.
+                        self.send({"reply": status_fn(), "id": req.get("id")})
             except Exception as exc:  # noqa: BLE001 - any failure here means the parent is gone
                 log.error("Control channel failed: %s", exc)
             log.warning("Supervisor went away, exiting.")

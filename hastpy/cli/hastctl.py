@@ -128,6 +128,8 @@ def _exit_on_resource_errors(reply: dict) -> None:
         click.echo(f"hastctl: {r['name']}: {r['error']}", err=True)
     if errors:
         first = errors[0]
+        if isinstance(first.get("exit_code"), int):
+            raise SystemExit(first["exit_code"])
         if first.get("busy"):
             raise SystemExit(os.EX_TEMPFAIL)
         raise SystemExit(os.EX_USAGE if "not configured" in first["error"] else os.EX_UNAVAILABLE)
@@ -150,6 +152,8 @@ def format_list(r: dict) -> str:
     if r.get("workerpid"):
         lines.append(f"  status: {r.get('status', '-')}")
         lines.append(f"  workerpid: {r['workerpid']}")
+    if r.get("worker_error"):
+        lines.append(f"  worker error: {r['worker_error']}")
     if r["role"] == "primary":
         dirty = r.get("dirty", 0)
         lines.append(f"  dirty: {dirty} ({_human(dirty)})")

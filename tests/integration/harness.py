@@ -24,6 +24,8 @@ from hastpy.nbd.client import NBDClient
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
 _rng = random.Random(os.urandom(16))
+# pgrep reads every /proc/<pid>/cmdline; one of a process stuck in the kernel can block it.
+PGREP_TIMEOUT = 30.0
 
 
 def free_subnet(port: int = 8457) -> tuple[str, str]:
@@ -95,7 +97,8 @@ class Node:
     `{node}` in it becomes this node's name, so each node can have its own hook), extra (lines
     for the global section), res_extra ({resource: lines inside its block}), create_args (for
     `hastctl create`), env (extra environment of hastd), attach (default none: the tests talk
-    to the NBD socket; a block device, if asked for, is linked in the node's own dev/).
+    to the NBD socket; `Pair(..., attach="fuse")` makes a real block device, linked as
+    `devlink()` in the node's own dev/, with attach state under `statedir`).
     """
 
     def __init__(self, name: str, directory: Path, ip: str, peer_ip: str, params: dict):
@@ -113,6 +116,15 @@ class Node:
     @property
     def resources(self) -> list[str]:
         return list(self.params.get("resources") or [self.res])
+
+    def devlink(self, res: str | None = None) -> Path:
+        """This node's /dev/hast/<res>: the devdir the harness gives each node."""
+        return self.dir / "dev" / (res or self.res)
+
+    @property
+    def statedir(self) -> Path:
+        """Where hastd records its attachments (next to the control socket, see Supervisor)."""
+        return self.dir / "hastpy"
 
     def disk_of(self, res: str | None = None) -> Path:
         res = res or self.res
@@ -177,7 +189,7 @@ class Node:
         """Worker processes of this hastd: of one resource, or of all when res is None."""
         names = [res] if res else self.resources
         pattern = "hastpy.worker .* hastd: (" + "|".join(re.escape(n) for n in names) + ") "
-        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=PGREP_TIMEOUT)
         mine = []
         for pid in map(int, out.stdout.split()):
             try:

@@ -1,0 +1,55 @@
+"""hastd when a primary worker cannot run: the role goes back to init and says why.
+
+FreeBSD's hastd changes a primary whose worker cannot run back to init; hastpy does the same
+whether the worker could not be started at all (hastctl gets the error and exit 71 at once) or
+started and exited with an error, and `hastctl list` shows the reason until the next role change.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness import wait_for
+
+pytestmark = pytest.mark.integration
+
+# The worker's failure is noticed by hastd's loop (SIGCHLD) within a tick; this is only a bound.
+REAP_TIMEOUT = 30.0
+
+
+def test_primary_worker_that_cannot_start_reverts_to_init(make_pair):
+    pair = make_pair().start(connect=False)
+    a = pair.a
+    # Something that is not a socket where the worker's NBD socket goes: binding it fails.
+    os.mkdir(a.nbd_socket)
+
+    cp = a.hastctl("role", "primary", "data", check=False)
+    assert cp.returncode == os.EX_OSERR, cp
+    assert "hastctl: data: unable to start the primary worker:" in cp.stderr
+    assert "role changed to init" in cp.stderr and "Traceback" not in cp.stderr
+    st = a.status()
+    assert (st["role"], st["workerpid"]) == ("init", 0)
+    assert "unable to start the primary worker" in st["worker_error"]
+    assert "worker error: unable to start the primary worker" in a.hastctl("list", "data").stdout
+    assert "Unable to start the primary worker" in a.log.read_text()
+
+    os.rmdir(a.nbd_socket)
+    pair.b.role("secondary")
+    a.role("primary")
+    pair.wait_complete()
+    st = a.status()
+    assert st["role"] == "primary" and st["workerpid"] and st["worker_error"] is None
+
+
+def test_primary_worker_that_exits_with_an_error_reverts_to_init(make_pair):
+    pair = make_pair().start(connect=False)
+    a = pair.a
+    a.disk.unlink()  # the worker cannot open its provider: exits with EX_NOINPUT
+
+    a.role("primary")  # accepted: the worker fails after hastctl got its answer
+    st = wait_for(lambda: (s := a.status())["role"] == "init" and s, REAP_TIMEOUT, what="role back to init")
+    assert st["workerpid"] == 0
+    assert st["worker_error"] == f"the primary worker exited with status {os.EX_NOINPUT}"
+    assert f"Primary worker exited with status {os.EX_NOINPUT}: role changed to init." in a.log.read_text()
