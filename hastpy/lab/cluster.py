@@ -24,11 +24,22 @@ JOURNAL = "journal"
 BIN = Path(sys.executable).parent
 # keepalived: priority decides the first master; nopreempt keeps the VIP where it is afterwards.
 PRIORITY = {"node-a": 150, "node-b": 100}
-# ucarp has no "nopreempt": a master yields to an advert with a smaller skew, and a backup whose
-# own advert interval is shorter than the master's declares it dead. So both nodes get the same
-# skew: a backup then waits three of the master's intervals (-r 3) and a rejoining node never
-# takes the service back; the first election is decided by start order.
-UCARP_SKEW = 20
+# ucarp's timers. ucarp reads adverts through libpcap opened with a 1000 ms capture timeout, and
+# on Linux (TPACKET_V3) the kernel hands captured packets over only when that timer retires the
+# ring block: every advert reaches the backup up to 1 s late (measured: sent at .748, handled at
+# .716 of the next second). A backup declares the master dead after advbase * deadratio +
+# advskew/256 s without an advert, so that must stay well above 1 s + advbase: advbase 0 (sub-
+# second adverts) leaves only the skew, and the backup then became master after every batch and
+# the node with the lower address won the tie between two masters -- the VIP flapped, and a
+# rejoining node-a (10.99.0.1) took it back from node-b. advbase is whole seconds, so 1 s with the
+# default deadratio 3 is the fastest safe setting: about 3 s from the last advert to takeover.
+UCARP_ADVBASE = 1
+UCARP_DEADRATIO = 3
+# The same skew on both nodes and no --preempt: whoever is master keeps the VIP; a starting node
+# hears the master well within its 3 s master-down time and stays backup.
+UCARP_SKEW = 0
+# What each VIP manager logs when it becomes master (ucarp on stderr, keepalived with -l).
+MASTER_LINE = {"ucarp": "Switching to state: MASTER", "keepalived": "Entering MASTER STATE"}
 STEP_TIMEOUT = 60.0
 RESYNC_TIMEOUT = 120.0  # a lab resync is a few dirty extents: seconds; this bounds a stuck one
 POLL = 0.02
@@ -167,11 +178,12 @@ class Cluster:
             argv = ["keepalived", "-n", "-l", "-D", "-f", str(hooks / "keepalived.conf"),
                     "-p", "/run/keepalived.pid", "-r", "/run/keepalived-vrrp.pid"]  # fmt: skip
         else:
-            # Tuned: advbase 0 with a skew gives sub-second adverts (reference/lab.md §1).
-            base = ["-b", "0", "-k", str(UCARP_SKEW)] if self.tuned else ["-b", "1", "-k", "0"]
-            base += ["-r", "3"]
+            # No --neutral: the downscript also runs when ucarp starts as backup, which removes a
+            # VIP that a crashed (kill -9) ucarp left behind and makes sure this node is secondary.
+            # `tuned` does not apply: ucarp cannot go below these timers (see UCARP_ADVBASE).
+            timers = ["-b", str(UCARP_ADVBASE), "-r", str(UCARP_DEADRATIO), "-k", str(UCARP_SKEW)]
             argv = ["ucarp", "-i", topo.NODE_IFACE, "-s", n.ip, "-v", "1", "-p", "hastpy-lab", "-a", topo.VIP,
-                    "-u", str(hooks / "vip-up.sh"), "-d", str(hooks / "vip-down.sh"), "-z", "-x", node, *base]  # fmt: skip
+                    "-u", str(hooks / "vip-up.sh"), "-d", str(hooks / "vip-down.sh"), "-z", "-x", node, *timers]  # fmt: skip
         self.vip_procs[node] = self.lab.spawn(node, argv, log=log)
 
     def start(self) -> str:
@@ -237,6 +249,13 @@ class Cluster:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.diagnostics()}") from None
         return self.status(survivor)
+
+    def masterships(self, node: str) -> int:
+        """How often the VIP manager on `node` has become master (from its log, all runs)."""
+        path = self.ndir(node) / f"{self.vip}.log"
+        if not path.exists():
+            return 0
+        return path.read_text(errors="replace").count(MASTER_LINE[self.vip])
 
     def diagnostics(self, lines: int = 15) -> str:
         """Both nodes' status and log tails, for a failure message."""
