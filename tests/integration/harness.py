@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,16 @@ _rng = random.Random(os.urandom(16))
 # pgrep reads every /proc/<pid>/cmdline; one of a process stuck in the kernel can block it.
 PGREP_TIMEOUT = 30.0
 
+
+def block_device_unavailable(tools: tuple[str, ...]) -> str | None:
+    """Why a test that makes loop devices over FUSE cannot run here (a skip reason), or None."""
+    if os.geteuid() != 0:
+        return "needs root (loop devices, FUSE mounts)"
+    for dev in ("/dev/fuse", "/dev/loop-control"):
+        if not os.path.exists(dev):
+            return f"no {dev}"
+    missing = [t for t in tools if shutil.which(t) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
 
 def free_subnet(port: int = 8457) -> tuple[str, str]:
     """Two loopback addresses 127.X.Y.1 and .2 whose port is free right now.

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import hastpy.attach as attach_mod
+from harness import block_device_unavailable
 from hastpy.attach import AttachError, DeviceBusy, attach, busy, cleanup_stale, detach
 from hastpy.attach.base import load_state, proc_cmdline, state_path
 from hastpy.attach.fuse import fuse_paths, loop_bound
@@ -43,20 +44,12 @@ SERVER_START_TIMEOUT = 10.0
 REQUIRED_TOOLS = ("nbdfuse", "losetup", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount", "dd")
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    for dev in ("/dev/fuse", "/dev/loop-control"):
-        if not os.path.exists(dev):
-            return f"no {dev}"
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    return f"{', '.join(missing)} not installed" if missing else None
-
+UNAVAILABLE = block_device_unavailable(REQUIRED_TOOLS)
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.root,
-    pytest.mark.skipif(_why_not() is not None, reason=_why_not() or ""),
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or ""),
 ]
 
 SERVER = """

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import MiB, Node, Pair, sha, wait_for
+from harness import MiB, Node, Pair, block_device_unavailable, sha, wait_for
 from hastpy.attach import cleanup_stale
 from hastpy.attach.base import proc_cmdline
 from hastpy.attach.fuse import fuse_paths
@@ -100,20 +100,12 @@ while True:
 REQUIRED_TOOLS = ("nbdfuse", "losetup", "fusermount3", "mkfs.ext4", "e2fsck", "mount", "umount", "sync", "dd")
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, FUSE mounts)"
-    for dev in ("/dev/fuse", "/dev/loop-control"):
-        if not os.path.exists(dev):
-            return f"no {dev}"
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    return f"{', '.join(missing)} not installed" if missing else None
-
+UNAVAILABLE = block_device_unavailable(REQUIRED_TOOLS)
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.root,
-    pytest.mark.skipif(_why_not() is not None, reason=_why_not() or ""),
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or ""),
 ]
 
 
