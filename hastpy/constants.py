@@ -61,9 +61,14 @@ MACHINE_ID_PATH = "/etc/machine-id"  # systemd's host identity, our stand-in for
 # proto
 # Wire protocol versions (hast.h HAST_PROTO_VERSION; hastpy/proto/messages.py has the history).
 HAST_PROTO_VERSION = 2  # the newest version FreeBSD hastd speaks
-PROTO_VERSION = 3  # ours: 2 plus negotiated maxio; only ever framed to peers that negotiated 3
+PROTO_VERSION = 4  # ours: 2 plus maxio (3) and syncdone (4); only framed to peers that negotiated it
 TOKEN_SIZE = 16  # HAST_TOKEN_SIZE: random bytes tying a resource's two connections together
 # Synchronization source reported by the secondary in the handshake (hast.h HAST_SYNCSRC_*).
 SYNCSRC_UNDEF = 0
 SYNCSRC_PRIMARY = 1
 SYNCSRC_SECONDARY = 2
+
+# Exit status of a primary worker that refuses to serve local data marked inconsistent (sysexits
+# EX_NOINPUT: its input, the local copy, is unusable). The supervisor then sets role init and
+# reports it; `hastctl promote` exits with it too.
+STALE_DATA_EXIT = 66

@@ -8,7 +8,9 @@ bounded in time. The hook scripts stay thin: they only call `hastctl promote|dem
 
 Exit codes: 0 done; 64 usage; 69 hastd unreachable; 73 mount failed; 75 (EX_TEMPFAIL) the peer
 is still primary, or the mount is busy (demote without --force); 65 fsck found errors it could
-not fix.
+not fix; 66 the local data is marked inconsistent (a synchronization to this node did not finish)
+and the peer with the newer copy is gone: promoting would serve older data, so the role stays
+init until the peer is back or an operator runs `hastctl role --force primary`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from hastpy import config as cfgmod
+from hastpy import constants as const
 from hastpy import control
 from hastpy.errors import HastError
 
@@ -62,6 +65,10 @@ class MountFailed(FailoverError):
 
 class FsckFailed(FailoverError):
     exit_code = os.EX_DATAERR
+
+
+class StaleData(FailoverError):
+    exit_code = const.STALE_DATA_EXIT
 
 
 @dataclass(frozen=True)
@@ -134,16 +141,20 @@ class Failover:
         deadline = time.monotonic() + self.t["device"]
         while True:
             st = self.status()
-            if st.get("attach") == "none":
+            # The role first: a worker that refused to serve has already set it back to init.
+            if st["role"] != "primary":
+                if st.get("worker_exit") == const.STALE_DATA_EXIT:
+                    raise StaleData(f"{self.res.name}: {st.get('worker_error')}")
+                raise FailoverError(f"{self.res.name}: role changed to {st['role']} while waiting for the device")
+            if st.get("attach") == "none" and st.get("serving"):
                 self.step("No device (attach none): the export is %s.", st.get("nbd_socket"))
                 return
             if st.get("device_ready") or (os.path.exists(self.device) and st.get("workerpid")):
                 self.step("Device %s is ready.", self.device)
                 return
-            if st["role"] != "primary":
-                raise FailoverError(f"{self.res.name}: role changed to {st['role']} while waiting for the device")
             if time.monotonic() >= deadline:
-                raise FailoverError(f"{self.res.name}: {self.device} did not appear within {self.t['device']:g} s")
+                what = "the export was not served" if st.get("attach") == "none" else f"{self.device} did not appear"
+                raise FailoverError(f"{self.res.name}: {what} within {self.t['device']:g} s")
             time.sleep(POLL)
 
     def _fsck(self, fstype: str) -> None:

@@ -68,10 +68,18 @@ _HN_PREFIXES = ("", "K", "M", "G", "T", "P", "E")
 
 @dataclass(frozen=True, slots=True)
 class Metadata:
-    """The nine fields hastd stores, under hastd's nv names except ``offset`` (hastd's localoff).
+    """The nine fields hastd stores, under hastd's nv names except ``offset`` (hastd's localoff),
+    and one of hastpy's.
 
     resuid 0 means the resource never connected to a peer; localcnt/remotecnt are the generation
     counters of reference §7.2; prevrole is informational ("init", "primary" or "secondary").
+
+    inconsistent (hastpy): this provider is the target of a synchronization that has not
+    finished, so its data is older than the peer's and may not even be a consistent image. Set at
+    the handshake that starts such a sync, cleared when it completes; a node with it set does not
+    serve its data on its own (hastctl role --force overrides). Stored as an extra nv field only
+    while set, so that a block without it is byte for byte what hastd writes (hastd ignores
+    fields it does not read).
     """
 
     resource: str
@@ -83,6 +91,7 @@ class Metadata:
     localcnt: int = 0
     remotecnt: int = 0
     prevrole: str = "init"
+    inconsistent: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -120,6 +129,8 @@ class Metadata:
             .add_uint64("remotecnt", self.remotecnt)
             .add_string("prevrole", self.prevrole)
         )
+        if self.inconsistent:
+            nv.add_uint8(INCONSISTENT_FIELD, 1)
         raw = nv.encode()
         # hastd asserts the list is strictly shorter than the block; the resource name limit
         # keeps us far below it, so this only guards against a future field.
@@ -141,7 +152,12 @@ class Metadata:
             raise MetadataError(f"metadata is damaged: {e}") from None
         if len(nv) == 0:
             raise MetadataError("metadata is damaged: the block is not empty but holds no fields")
-        return cls(**{name: _field(nv, name, typ) for name, typ in _FIELDS})
+        fields = {name: _field(nv, name, typ) for name, typ in _FIELDS}
+        try:
+            flag = nv.get(INCONSISTENT_FIELD, NvType.UINT8)
+        except NvError as e:
+            raise MetadataError(f"metadata is damaged: {e}") from None
+        return cls(**fields, inconsistent=bool(flag))
 
 
 def decode(raw: bytes | bytearray | memoryview) -> Metadata:
@@ -166,6 +182,10 @@ _FIELDS = (
 )
 
 
+# hastpy's own field (see Metadata.inconsistent): optional, written only while set.
+INCONSISTENT_FIELD = "inconsistent"
+
+
 def _field(nv: NvList, name: str, typ: NvType) -> object:
     try:
         value = nv.get(name, typ)
@@ -186,6 +206,8 @@ def _validate(md: Metadata) -> None:
     _check_int("offset", md.offset, BITMAP_OFFSET + 1, MAX_OFF - md.datasize)
     for name in ("resuid", "localcnt", "remotecnt"):
         _check_int(name, getattr(md, name), 0, UINT64_MAX)
+    if not isinstance(md.inconsistent, bool):
+        raise MetadataError(f"metadata is invalid: inconsistent must be a bool, not {md.inconsistent!r}")
     if not isinstance(md.prevrole, str) or md.prevrole not in ROLE_NUMBERS:
         raise MetadataError(
             f"metadata is invalid: prevrole {md.prevrole!r} is not init, primary or secondary"
@@ -477,6 +499,7 @@ def format_dump(md: Metadata) -> str:
         f"    localcnt: {md.localcnt}\n"
         f"    remotecnt: {md.remotecnt}\n"
         f"    prevrole: {md.prevrole}\n"
+        + ("    inconsistent: yes (a synchronization to this node did not finish)\n" if md.inconsistent else "")
     )
 
 
@@ -492,6 +515,7 @@ def dump_dict(md: Metadata) -> dict[str, object]:
         "localcnt": md.localcnt,
         "remotecnt": md.remotecnt,
         "prevrole": md.prevrole,
+        "inconsistent": md.inconsistent,
     }
 
 

@@ -133,6 +133,18 @@ class Link:
             send_frame(self.out, self.version, nv, payload)
             self.last_send = time.monotonic()
 
+    def send_syncdone(self) -> None:
+        """Tell a v4 secondary that the synchronization completed (it clears its inconsistent
+        mark). Only after every sync write was answered; a failure closes the link."""
+        if self.version < msg.PROTO_VERSION_SYNCDONE:
+            return
+        try:
+            with self._send_lock:
+                send_frame(self.out, self.version, msg.Request.keepalive(syncdone=True).to_nv())
+                self.last_send = time.monotonic()
+        except (OSError, ProtocolError) as exc:
+            self.close(f"send failed: {exc}")
+
     def close(self, why: str) -> None:
         with self._lock:
             if self.closed:
@@ -287,6 +299,7 @@ class Primary:
                 "inflight": self.inflight,
             },
             "counters": {"resuid": self.md.resuid, "localcnt": self.md.localcnt, "remotecnt": self.md.remotecnt},
+            "inconsistent": self.md.inconsistent,
         }
 
     # -- metadata and bitmap --------------------------------------------------------------------
@@ -670,6 +683,11 @@ class Primary:
             self.write_md(resuid=resuid)
         self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
         self.syncsrc = info.syncsrc
+        if info.syncsrc == syncdecide.SYNCSRC_SECONDARY and not self.md.inconsistent:
+            # Our data is the older copy until the sync from the secondary completes: if this
+            # worker dies before then, a restart without the peer must not serve it.
+            log.warning("Local data is older than the secondary's: marked inconsistent until the synchronization completes.")
+            self.write_md(inconsistent=True)
         with self._am_lock:
             if bitmap:
                 # The peer sizes its map from its own provider (hast.md §11 caveat 6); only the
@@ -807,14 +825,37 @@ class Primary:
         self.syncsrc = syncdecide.SYNCSRC_UNDEF
         self.sync_state = "done"
         after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
-        if (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
-            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt)
+        was_stale = self.md.inconsistent
+        if was_stale:
+            localio.flush(self.fd)  # the synced data durable before the mark goes
+        if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
+            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt, inconsistent=False)
+        if was_stale:
+            log.info("Local data is up to date again.")
+        link.send_syncdone()
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start_threads(self) -> None:
         threading.Thread(target=self.guard, name="guard", daemon=True).start()
         threading.Thread(target=self.sync_loop, name="sync", daemon=True).start()
+
+
+def _stale_data_refusal(p: Primary, force: bool) -> str | None:
+    """Why a primary whose local data is marked inconsistent must not serve it, or None.
+
+    Served only while connected to a secondary with the newer copy (reads then go to it until
+    the sync completes), or when forced (the mark is dropped: the operator chose this copy)."""
+    if p.link is not None and p.syncsrc == syncdecide.SYNCSRC_SECONDARY:
+        return None
+    if force:
+        log.warning("Forced: serving local data that a synchronization to this node did not finish.")
+        p.write_md(inconsistent=False)
+        return None
+    where = "the peer is not connected" if p.link is None else "the peer would synchronize from it"
+    return (f"local data is inconsistent (a synchronization to this node did not finish) and {where}: "
+            f"not serving it. Make the peer primary, or use this copy anyway with "
+            f"'hastctl role --force primary {p.res.name}'.")  # fmt: skip
 
 
 class WaitForPeer(Exception):
@@ -844,6 +885,14 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
                 log.warning("Unable to connect to %s: starting degraded.", res.remote)
                 break
             time.sleep(WAIT_RETRY)
+    if p.md.inconsistent:
+        refusal = _stale_data_refusal(p, bool(spec.get("force")))
+        if refusal is not None:
+            log.error("%s", refusal)
+            channel.event("refused", reason=refusal)
+            if p.link is not None:
+                p.link.close("refusing to serve inconsistent local data")
+            return const.STALE_DATA_EXIT
     listener = socket.socket(fileno=spec["fds"]["nbd"])
     channel.serve_status(p.status)
     drop_privileges()

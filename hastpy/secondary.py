@@ -79,6 +79,7 @@ class Secondary:
             "extentsize": self.md.extentsize,
             "keepdirty": 0,
             "dirty": 0,
+            "inconsistent": self.md.inconsistent,
         }
 
     # -- replies --------------------------------------------------------------------------------
@@ -151,9 +152,25 @@ class Secondary:
             localio.flush(self.fd)
             self._bitmap_cleared = True
 
+    def _sync_done(self) -> None:
+        """The primary completed a synchronization: every extent it copied here was answered.
+        Clear the inconsistent mark, but only once those writes are durable: the mark must
+        outlive any of them that a crash could still lose."""
+        if not self.md.inconsistent:
+            return
+        with self._inflight_cv:  # trims run on the pool
+            self._inflight_cv.wait_for(lambda: self._inflight == 0)
+        localio.flush(self.fd)
+        self.md = replace(self.md, inconsistent=False)
+        metadata.write_metadata(self.fd, self.md)
+        localio.flush(self.fd)
+        log.info("Synchronization from the primary complete: local data is up to date.")
+
     def handle(self, frame) -> None:
         req = msg.Request.from_nv(frame.nv)
         if req.cmd == msg.Cmd.KEEPALIVE:
+            if req.syncdone:
+                self._sync_done()
             return
         if req.seq == 0:
             # The reply could not say which request it answers (seq 0 is "absent" on the wire),
@@ -245,6 +262,11 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         return None
     if d.adopt_resuid:
         md = replace(md, resuid=d.adopt_resuid)
+    if d.stale_side == "secondary" and version >= msg.PROTO_VERSION_SYNCDONE:
+        # Durable before the first sync write can land: from here until the primary says the
+        # sync is done (msg.Request.syncdone), this disk is not a copy to fail over to.
+        log.warning("Local data is older than the primary's: it is marked inconsistent until the synchronization completes.")
+        md = replace(md, inconsistent=True)
     md = replace(md, prevrole="secondary")
     metadata.write_metadata(prov.fd, md)
     localio.flush(prov.fd)

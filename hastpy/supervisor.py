@@ -41,6 +41,8 @@ WORKER_RESTART_DELAY = 1.0  # hastd restarts a primary worker that crashed after
 STATUS_TIMEOUT = 5.0  # a worker that does not answer a status request in this long is reported busy
 LOOP_TICK = 0.2  # hooks are polled and restarts fired at least this often
 CONTROL_READ_TIMEOUT = 5.0
+# A worker's refusal reason is kept for `hastctl list`; a longer one is cut (it is one sentence).
+REFUSAL_MAX = 1000
 
 
 class WorkerStartError(HastError):
@@ -75,6 +77,8 @@ class ResState:
     att: attachmod.Attachment | None = None  # /dev/hast/<provname> while the primary serves
     attach_error: str | None = None  # why the last attach failed, for hastctl list
     worker_error: str | None = None  # why the role fell back to init (worker failed), for hastctl list
+    worker_exit: int | None = None  # that worker's exit status (failover tells refusals apart by it)
+    refusal: str | None = None  # the reason a primary worker gave before refusing to serve
     events: list = field(default_factory=list)
 
 
@@ -299,7 +303,7 @@ class Supervisor:
         self.sel.register(parent, selectors.EVENT_READ, ("worker", rs))
         log.info("[%s] Worker started (pid=%d, %s).", rs.res.name, proc.pid, role)
 
-    def start_primary(self, rs: ResState) -> None:
+    def start_primary(self, rs: ResState, force: bool = False) -> None:
         """Bind the NBD socket and spawn the primary worker. OSError (nothing left running, no
         worker registered) if either fails; callers go through _start_primary_or_init."""
         path = self.nbd_path(rs.res.name)
@@ -315,16 +319,18 @@ class Supervisor:
             finally:
                 os.umask(old)
             sock.listen(8)
-            self.spawn(rs, "primary", {"nbd": sock.fileno()}, {"nbd_path": path})
+            # force: serve local data marked inconsistent (hastctl role --force primary).
+            self.spawn(rs, "primary", {"nbd": sock.fileno()}, {"nbd_path": path, "force": force})
         finally:
             sock.close()  # the worker has its own copy of the listening socket
 
-    def _start_primary_or_init(self, rs: ResState) -> str | None:
+    def _start_primary_or_init(self, rs: ResState, force: bool = False) -> str | None:
         """Start the worker of a resource whose role is primary. If that fails, the role goes
         back to init (a primary with no worker would answer nothing and report itself primary)
         and the reason is logged, kept for `hastctl list`, and returned; None on success."""
+        rs.refusal = None
         try:
-            self.start_primary(rs)
+            self.start_primary(rs, force)
         except OSError as exc:
             why = f"unable to start the primary worker: {exc}"
             rs.worker_error = why
@@ -427,8 +433,10 @@ class Supervisor:
                     rs.restart_at = time.monotonic() + WORKER_RESTART_DELAY
                 else:
                     log.error("[%s] Primary worker exited with status %d: role changed to init.", name, rc)
+                    refusal = rs.refusal
                     self.set_role_one(rs, "init")
-                    rs.worker_error = f"the primary worker exited with status {rc}"
+                    rs.worker_error = refusal or f"the primary worker exited with status {rc}"
+                    rs.worker_exit = rc
             else:
                 log.info("[%s] Secondary worker exited (status %d).", name, rc)
 
@@ -478,6 +486,9 @@ class Supervisor:
         """An unsolicited message. A status reply arriving here came after its request timed
         out: it answers nothing any more and is dropped."""
         ev = obj.get("event")
+        if ev == "refused":
+            rs.refusal = str(obj.get("reason") or "")[:REFUSAL_MAX] or None
+            return
         if ev == "ready":
             if rs.worker:
                 rs.worker.ready = True
@@ -538,10 +549,11 @@ class Supervisor:
         self._drop_pending(rs)
         rs.restart_at = None
         rs.worker_error = None
+        rs.worker_exit = None
         rs.role = role
         log.info("[%s] Role changed to %s.", rs.res.name, role)
         self.hooks.run(rs.res.exec, "role", rs.res.name, old, role, timeout=rs.res.hook_timeout)
-        if role == "primary" and (why := self._start_primary_or_init(rs)) is not None:
+        if role == "primary" and (why := self._start_primary_or_init(rs, force)) is not None:
             raise WorkerStartError(f"{why}; role changed to init")
         return old
 
@@ -589,8 +601,10 @@ class Supervisor:
             "attach": r.attach if rs.att is None else rs.att.method,
             "device": rs.att.link if rs.att is not None else None,
             "device_ready": rs.att is not None,
+            "serving": bool(rs.worker and rs.worker.ready),  # a primary worker said "ready"
             "attach_error": rs.attach_error,
             "worker_error": rs.worker_error,
+            "worker_exit": rs.worker_exit,
         }
         ws = self.worker_status(rs)
         if ws:

@@ -85,6 +85,17 @@ class Decision:
     def refused(self) -> bool:
         return self.errmsg is not None
 
+    @property
+    def stale_side(self) -> str | None:
+        """"secondary" or "primary": the node whose data this handshake's sync overwrites because
+        it is older than its peer's (a full sync of a fresh secondary, rows 3, 5 and 7); None when
+        neither is (virgin pair, row 4: at most extents whose writes were still in flight)."""
+        if self.refused or self.outcome == Outcome.IN_SYNC:
+            return None
+        if self.outcome == Outcome.ADOPT_RESUID and self.bitmap == BitmapReply.NONE:
+            return None
+        return "primary" if self.syncsrc == SYNCSRC_SECONDARY else "secondary"
+
 
 def decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
     """Apply §7.2's table. ``virgin`` is whether the primary sent the virgin flag.

@@ -107,7 +107,7 @@ def _call(cfg: cfgmod.Config, request: dict) -> dict:
 @config_option
 @node_option
 @debug_option
-@click.option("--force", is_flag=True, help="Leave primary even if the device is mounted or open.")
+@click.option("--force", is_flag=True, help="Leave primary even if the device is mounted or open; become primary even if the local data is marked inconsistent.")
 @click.argument("role", type=click.Choice(ROLES))
 @click.argument("names", nargs=-1, required=True)
 @reports_errors
@@ -116,6 +116,10 @@ def role(config_path, node, debug, force, role, names) -> None:
 
     Leaving primary is refused (exit 75) while /dev/hast/<name> is mounted or open, unless
     --force, which tears the device down under its users as FreeBSD's hastd does.
+
+    A node whose local data is marked inconsistent (a synchronization to it did not finish)
+    does not serve it as primary unless connected to a peer with the newer copy: the role falls
+    back to init and `list` says why. --force serves it anyway and drops the mark.
     """
     cfg = load_config(config_path, node)
     reply = _call(cfg, {"cmd": "role", "role": role, "resources": list(names), "force": force})
@@ -154,6 +158,8 @@ def format_list(r: dict) -> str:
         lines.append(f"  workerpid: {r['workerpid']}")
     if r.get("worker_error"):
         lines.append(f"  worker error: {r['worker_error']}")
+    if r.get("inconsistent"):
+        lines.append("  local data: inconsistent (a synchronization to this node has not finished)")
     if r["role"] == "primary":
         dirty = r.get("dirty", 0)
         lines.append(f"  dirty: {dirty} ({_human(dirty)})")

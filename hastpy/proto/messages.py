@@ -10,6 +10,10 @@ Protocol version history (the `version` field of the first hello, and the frame 
     3  hastpy: a `maxio:uint32` field in Hello (the largest I/O the primary wants) and in
        SecondaryInfo (the largest the secondary accepts). The I/O size is the smaller of the
        two; with a v2 peer it is MAXPHYS_V2 (128 KiB), which every hastd accepts.
+    4  hastpy: a `syncdone:uint8=1` field in KEEPALIVE, sent by the primary when a
+       synchronization has completed; the secondary then clears the `inconsistent` mark it put
+       in its metadata when the handshake made it the target of that sync (metadata.py). Below
+       4 the mark is never set, since nothing would ever clear it.
 
 Negotiation: the primary offers PROTO_VERSION in Hello (hastd clamps anything above 2 to 2, and
 ignores fields it does not know); the secondary answers min(offer, its own) and both frame every
@@ -41,6 +45,7 @@ from hastpy.nv import NvList, NvType
 
 PROTO_VERSION_MEMSYNC = 2  # first version with "memsync"/"received"
 PROTO_VERSION_MAXIO = 3  # first version with "maxio"
+PROTO_VERSION_SYNCDONE = 4  # first version with "syncdone"
 
 # hastd's resources start at hr_version = 1 (parse.y), so the very first hello is framed with 1.
 HELLO_FRAME_VERSION = 1
@@ -371,7 +376,8 @@ def decode_secondary_info(nv: NvList) -> SecondaryInfo | ErrorReply:
 @dataclass(frozen=True, slots=True)
 class Request:
     """Primary -> secondary on "out": {cmd:uint8, seq:uint64, offset:uint64, length:uint64,
-    [memsync:uint8=1]}. KEEPALIVE carries only cmd; FLUSH carries offset = length = 0.
+    [memsync:uint8=1]}. KEEPALIVE carries only cmd, and from v4 on may carry syncdone:uint8=1
+    (never send it below PROTO_VERSION_SYNCDONE); FLUSH carries offset = length = 0.
 
     WRITE data travels as the frame payload. memsync (v2+) asks for an early "received" ack; the
     caller must not set it for a peer below PROTO_VERSION_MEMSYNC (hastd falls back to fullsync).
@@ -382,10 +388,11 @@ class Request:
     offset: int = 0
     length: int = 0
     memsync: bool = False
+    syncdone: bool = False
 
     @classmethod
-    def keepalive(cls) -> Request:
-        return cls(Cmd.KEEPALIVE)
+    def keepalive(cls, syncdone: bool = False) -> Request:
+        return cls(Cmd.KEEPALIVE, syncdone=syncdone)
 
     def to_nv(self) -> NvList:
         self._check()
@@ -398,6 +405,8 @@ class Request:
             ]
         if self.memsync:
             fields.append(("memsync", NvType.UINT8, 1))
+        if self.syncdone:
+            fields.append(("syncdone", NvType.UINT8, 1))
         return _build("request", fields)
 
     def _check(self) -> None:
@@ -405,6 +414,8 @@ class Request:
             raise LocalProtocolError(f"request: unknown command {self.cmd}")
         if self.memsync and self.cmd != Cmd.WRITE:
             raise LocalProtocolError("request: memsync applies to WRITE only")
+        if self.syncdone and self.cmd != Cmd.KEEPALIVE:
+            raise LocalProtocolError("request: syncdone applies to KEEPALIVE only")
         if self.cmd == Cmd.KEEPALIVE:
             if self.seq or self.offset or self.length:
                 raise LocalProtocolError("request: KEEPALIVE carries no seq, offset or length")
@@ -425,7 +436,7 @@ class Request:
         what = "request"
         cmd = _field(nv, "cmd", NvType.UINT8, what)
         if cmd == Cmd.KEEPALIVE:
-            return cls(Cmd.KEEPALIVE)
+            return cls(Cmd.KEEPALIVE, syncdone=nv.exists("syncdone"))
         seq = _field(nv, "seq", NvType.UINT64, what)
         if cmd in _RANGED:
             offset = _field(nv, "offset", NvType.UINT64, what)

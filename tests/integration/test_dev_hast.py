@@ -36,6 +36,7 @@ import pytest
 
 from harness import MiB, Node, Pair, block_device_unavailable, sha, wait_for
 from hastpy.attach import cleanup_stale
+from hastpy.constants import PROTO_VERSION
 from hastpy.attach.base import proc_cmdline
 from hastpy.attach.fuse import fuse_paths
 
@@ -346,7 +347,7 @@ def test_ext4_made_on_a_mounts_on_b_after_switchover(dev_pair):
     assert st["statistics"]["reads"] > 0  # served by node-b's worker
     # The source of every byte is node-b's own provider: the new primary is the sync source (the
     # extents keepdirty left dirty are copied b -> a), so its worker reads nothing from node-a.
-    assert f"Connected to {a.ip} (protocol 3, syncsrc=primary)." in log_of(b)
+    assert f"Connected to {a.ip} (protocol {PROTO_VERSION}, syncsrc=primary)." in log_of(b)
     dev_pair.umount(mnt)
     fsck_clean(b)
 

@@ -272,7 +272,7 @@ class FakePrimary:
             out = socket.create_connection((p.ip_b, PORT), timeout=30, source_address=(p.ip_a, 0))
             try:
                 send_frame(out, msg.HELLO_FRAME_VERSION, msg.Hello(FUZZ, msg.PROTO_VERSION, MAXPHYS).to_nv())
-                reply = msg.decode_hello_reply(recv_one(out, 3).nv)
+                reply = msg.decode_hello_reply(recv_one(out, msg.PROTO_VERSION).nv)
                 if isinstance(reply, msg.ErrorReply):
                     out.close()
                     return None

@@ -34,7 +34,7 @@ from hastpy.metadata import (
     write_bitmap,
     write_metadata,
 )
-from hastpy.nv import NvList
+from hastpy.nv import NvList, NvType
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -128,7 +128,25 @@ def test_dump_all_fields():
         "localcnt": 7,
         "remotecnt": 5,
         "prevrole": "primary",
+        "inconsistent": False,
     }
+
+
+def test_inconsistent_mark_is_an_extra_field_only_while_set():
+    assert MD_100M.encode() == EXPECTED_HEADER  # hastd's block, byte for byte, without the mark
+    marked = MD_100M.with_(inconsistent=True)
+    raw = marked.encode()
+    assert NvList.decode(raw).get("inconsistent", NvType.UINT8) == 1
+    assert Metadata.decode(raw) == marked
+    assert format_dump(marked).endswith("    inconsistent: yes (a synchronization to this node did not finish)\n")
+    assert dump_dict(marked)["inconsistent"] is True
+    # A zero value (never written by us, but possible) reads as not marked.
+    assert Metadata.decode(_fields(inconsistent=("uint8", 0))) == MD_100M
+
+
+def test_inconsistent_mark_of_the_wrong_type_is_damage():
+    with pytest.raises(MetadataError, match="inconsistent.*expected uint8"):
+        Metadata.decode(_fields(inconsistent=("string", "yes")))
 
 
 @pytest.mark.parametrize(
@@ -359,6 +377,7 @@ def test_decode_invalid_values(override, message):
         ({"resource": 5}, "invalid resource name"),
         ({"resource": "x" * 256}, "longer than 255 bytes"),
         ({"prevrole": "Primary"}, "prevrole"),
+        ({"inconsistent": 1}, "inconsistent must be a bool"),
         ({"prevrole": ["init"]}, "prevrole"),
     ],
 )
@@ -525,6 +544,7 @@ def metadatas(draw):
         localcnt=draw(U64),
         remotecnt=draw(U64),
         prevrole=draw(st.sampled_from(["init", "primary", "secondary"])),
+        inconsistent=draw(st.booleans()),
     )
 
 
@@ -533,7 +553,7 @@ def test_roundtrip(md):
     raw = md.encode()
     assert len(raw) == 4096
     assert Metadata.decode(raw) == md
-    assert format_dump(md).count("\n") == 9
+    assert format_dump(md).count("\n") == 9 + md.inconsistent
 
 
 @st.composite

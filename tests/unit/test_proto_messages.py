@@ -336,6 +336,16 @@ def test_keepalive_request_bytes():
     )
 
 
+def test_syncdone_keepalive_bytes():
+    # v4: hastd's keepalive element, then syncdone:uint8=1 (type 2, namesize 9, value size 1,
+    # the name, padding to the 8-byte boundary, the value, padding).
+    assert _frame(4, Request.keepalive(syncdone=True).to_nv()) == bytes.fromhex(
+        "04 34000000"
+        "02 04 01000000 636d6400 00000000 05 00000000000000"
+        "02 09 01000000 73796e63646f6e6500 00000000000000 01 00000000000000"
+    )
+
+
 def test_write_request_frame_with_payload():
     payload = b"\xa5" * 512
     req = Request(Cmd.WRITE, seq=1, offset=4096, length=512, memsync=True)
@@ -399,6 +409,7 @@ def test_request_round_trip(cmd, seq, offset, length, memsync):
 
 def test_keepalive_and_flush_round_trip():
     assert Request.from_nv(Request.keepalive().to_nv()) == Request(Cmd.KEEPALIVE)
+    assert Request.from_nv(Request.keepalive(syncdone=True).to_nv()) == Request(Cmd.KEEPALIVE, syncdone=True)
     assert Request.from_nv(Request(Cmd.FLUSH, 8).to_nv()) == Request(Cmd.FLUSH, 8)
 
 
@@ -454,6 +465,7 @@ def test_request_rejects(fields, match):
     [
         (Request(9, 1), "unknown command"),
         (Request(Cmd.READ, 1, 0, 512, memsync=True), "memsync"),
+        (Request(Cmd.WRITE, 1, 0, 512, syncdone=True), "syncdone"),
         (Request(Cmd.KEEPALIVE, seq=1), "KEEPALIVE"),
         (Request(Cmd.WRITE, 0, 0, 512), "seq 0"),
         (Request(Cmd.FLUSH, 1, 0, 512), "FLUSH"),
@@ -565,7 +577,7 @@ def test_full_handshake_through_frames():
     primary_out = FrameReader(max_version=PROTO_VERSION)
     primary_out.feed(_frame(version, HelloReply(version, TOKEN).to_nv()))
     reply = decode_hello_reply(primary_out.next_frame().nv)
-    assert reply == HelloReply(3, TOKEN)
+    assert reply == HelloReply(PROTO_VERSION, TOKEN)
     info = SecondaryInfo(DATASIZE, 1 << 21, 0, 0, True, SYNCSRC_PRIMARY, 0, maxio=256 * 1024)
     primary_out.feed(_frame(version, info.to_nv(version)))
     got = decode_secondary_info(primary_out.next_frame().nv)
@@ -577,7 +589,7 @@ def test_full_handshake_through_frames():
 _NAMES = [
     "resource", "version", "maxio", "token", "errmsg", "wait", "virgin", "resuid", "localcnt",
     "remotecnt", "datasize", "extentsize", "syncsrc", "mapsize", "cmd", "seq", "offset",
-    "length", "memsync", "received", "error",
+    "length", "memsync", "received", "error", "syncdone",
 ]  # fmt: skip
 _VALUES = {
     NvType.INT8: st.integers(-(2**7), 2**7 - 1),

@@ -136,7 +136,7 @@ for i in (7, 8):
 # --- a primary whose worker cannot start ------------------------------------------------------
 
 
-def _failing_start(rs):
+def _failing_start(rs, force=False):
     raise OSError(24, "Too many open files")
 
 

@@ -204,3 +204,34 @@ def test_sync_leaves_the_pair_in_sync(sl, sr, pl, pr):
     d = decide(sec, pri, False)
     if not d.refused:
         assert decide(sec, counters_after_sync(pri, sec), False).outcome is Outcome.IN_SYNC
+
+
+# -- which side's data the sync overwrites (the `inconsistent` mark) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "sec,pri,virgin,stale",
+    [
+        (s(0, 0, resuid=0), p(3, 1), True, None),  # row 1, virgin pair: nothing to copy
+        (s(0, 0, resuid=0), p(3, 1), False, "secondary"),  # row 1: full sync to a fresh disk
+        (s(4, 2), p(2, 3), False, "primary"),  # row 3
+        (s(3, 2), p(2, 3), False, None),  # row 4: only extents whose writes were in flight
+        (s(3, 2), p(5, 3), False, "secondary"),  # row 5
+        (s(4, 2), p(3, 3), False, None),  # row 6: refused, nothing is copied
+        (s(1, 2, resuid=5), p(1, 1), False, None),  # row 2: refused
+        (s(4, 5), p(2, 3), False, "primary"),  # row 7, from the secondary
+        (s(1, 0), p(2, 3), False, "secondary"),  # row 7, from the primary
+    ],
+)
+def test_stale_side_names_the_sync_target(sec, pri, virgin, stale):
+    assert decide(sec, pri, virgin).stale_side == stale
+
+
+@given(sl=small, sr=small, pl=small, pr=small)
+def test_stale_side_is_always_the_side_synced_to(sl, sr, pl, pr):
+    d = decide(s(sl, sr), p(pl, pr), False)
+    if d.stale_side is not None:
+        target = "primary" if d.syncsrc == SYNCSRC_SECONDARY else "secondary"
+        assert d.stale_side == target
+    else:
+        assert d.refused or d.outcome is Outcome.IN_SYNC
