@@ -35,11 +35,24 @@ Differences from activemap.c, all deliberate:
 * A chunk that failed to copy can be handed back with ``sync_failed``: the walk moves on, the extent
   stays dirty and is retried at the next ``sync_rewind``. FreeBSD skips the chunk and marks the
   extent clean.
+* Sequential pre-marking (``premark``, on unless keepdirty < 2): when a write needs a flush for a
+  new extent and the extent before it is on the keepdirty list (the write stream moves forward),
+  the extent after the write joins the list too, so the same bitmap write carries it and the
+  stream's next extent costs no synchronous flush: half the bitmap writes of a sequential stream.
+  The pre-marked extent is an extra: it evicts nothing (the list may hold keepdirty + 1 extents;
+  the next new extent brings it back to keepdirty), so a working set that fits keepdirty is never
+  pushed out by a guess. Only bits are added, and only to a flush that happens anyway, so the
+  write-ahead rule is untouched; the price is one more extent to resync after a crash. With
+  keepdirty 1 (the smallest dirty set asked for) that would double it, so it is off.
 """
 
 import re
 from collections import OrderedDict
 from typing import NamedTuple
+
+# Sequential pre-marking needs the written extent and the pre-marked one on the keepdirty list
+# at once: with fewer, marking the next extent would evict the current one.
+PREMARK_MIN_KEEPDIRTY = 2
 
 # A run of zero bytes is skipped at C speed; Python only looks at bytes with a bit set.
 _NONZERO = re.compile(rb"[^\x00]")
@@ -101,9 +114,17 @@ class ActiveMap:
     """
 
     def __init__(
-        self, mediasize: int, extentsize: int, keepdirty: int, sectorsize: int, maxio: int
+        self,
+        mediasize: int,
+        extentsize: int,
+        keepdirty: int,
+        sectorsize: int,
+        maxio: int,
+        premark: bool = True,
     ):
         _check_geometry(mediasize, extentsize, keepdirty, sectorsize, maxio)
+        # Sequential pre-marking (module doc); needs room for two extents on the keepdirty list.
+        self.premark = premark and keepdirty >= PREMARK_MIN_KEEPDIRTY
         self.mediasize = mediasize
         self.extentsize = extentsize
         self.keepdirty = keepdirty
@@ -194,15 +215,17 @@ class ActiveMap:
         """
         exts = self.extents_of(offset, length)
         touched = list(exts)
+        sequential = self.premark and bool(exts) and exts[0] - 1 in self._lru
         for ext in exts:
             count = self._memtab.get(ext, 0)
             self._memtab[ext] = count + 1
             if count == 0:
                 self._mark(ext)
-            evicted = self._lru_touch(ext)
-            if evicted is not None:
-                touched.append(evicted)
-        return self._count_update(self._differs(touched))
+            self._lru_touch(ext, touched)
+        flush = self._differs(touched)
+        if flush and sequential:
+            self._premark(exts[-1] + 1, touched)
+        return self._count_update(flush)
 
     def write_complete(self, offset: int, length: int) -> bool:
         """Account a write that has finished on both nodes (or is marked with need_sync).
@@ -404,19 +427,27 @@ class ActiveMap:
         self._pass_hint = min(self._pass_hint, ext >> 3)
         self._mark(ext)
 
-    def _lru_touch(self, ext: int) -> int | None:
-        """Make ext the most recently written extent; return the extent evicted for it, if any."""
+    def _premark(self, ext: int, touched: list[int]) -> None:
+        """Put ext, the extent after a forward-moving write, on the keepdirty list as an extra
+        (evicting nothing), so the flush the write needs anyway carries its bit too."""
+        if ext >= self.nextents or ext in self._lru:
+            return
+        self._lru[ext] = None
+        touched.append(ext)
+
+    def _lru_touch(self, ext: int, touched: list[int]) -> None:
+        """Make ext the most recently written extent; append the extents evicted for it (at most
+        two: one more when a pre-marked extra is on the list) to ``touched``."""
         lru = self._lru
         if ext in lru:
             lru.move_to_end(ext)
-            return None
+            return
         if self.keepdirty == 0:
-            return None
-        evicted = None
-        if len(lru) >= self.keepdirty:
+            return
+        while len(lru) >= self.keepdirty:
             evicted, _ = lru.popitem(last=False)
+            touched.append(evicted)
         lru[ext] = None
-        return evicted
 
     def _differs(self, exts) -> bool:
         """Whether the image bit of any of exts differs from the bit known on disk."""

@@ -14,9 +14,10 @@ Pure: bytes in, values out. The only exception raised for bad input is NvError.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from hastpy.errors import NvError
 
@@ -67,8 +68,13 @@ def _pad(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class NvField:
+# Raw type byte -> NvType, with the host-order bit masked off; absent: not a valid type.
+_TYPE_OF_RAW = {t | order: t for t in NvType for order in (0, _ORDER_MASK)}
+
+
+class NvField(NamedTuple):
+    """One element. A tuple (cheap to build: a header decodes into a few of these per message)."""
+
     name: str
     type: NvType
     # int for scalars, str for STRING, bytes for UINT8_ARRAY, tuple[int, ...] for other arrays.
@@ -176,31 +182,42 @@ class NvList:
             if end - pos < _HEADER.size:
                 raise NvError(f"truncated element header at byte {pos}")
             rawtype, namesize, dsize = _HEADER.unpack_from(buf, pos)
-            typ = _decode_type(rawtype, pos)
+            typ = _TYPE_OF_RAW.get(rawtype)
+            if typ is None:
+                raise NvError(f"unknown nv type {rawtype & ~_ORDER_MASK} at byte {pos}")
             name_start = pos + _HEADER.size
             data_start = name_start + _pad(namesize)
             elem_end = data_start + _pad(dsize)
             if namesize == 0 or elem_end > end:
                 raise NvError(f"element at byte {pos} overruns the list")
             name = _decode_name(bytes(buf[name_start : name_start + namesize]), pos)
-            raw = bytes(buf[data_start : data_start + dsize])
-            fields.append(NvField(name, typ, _decode_value(typ, raw, name)))
+            st = _STRUCTS.get(typ)
+            if st is not None and dsize == st.size:  # a well-formed scalar: the common case
+                value = st.unpack_from(buf, data_start)[0]
+            else:
+                value = _decode_value(typ, bytes(buf[data_start : data_start + dsize]), name)
+            fields.append(NvField(name, typ, value))
             pos = elem_end
         return cls(fields)
 
 
-def _decode_type(rawtype: int, pos: int) -> NvType:
-    try:
-        return NvType(rawtype & ~_ORDER_MASK)
-    except ValueError:
-        raise NvError(f"unknown nv type {rawtype & ~_ORDER_MASK} at byte {pos}") from None
+# Decoded names: a peer uses a handful of names over and over. Bounded: a hostile peer could
+# send a new name in every element, so past this many entries names are decoded, not cached.
+_NAME_CACHE_MAX = 256
+_names: dict[bytes, str] = {}
 
 
 def _decode_name(raw: bytes, pos: int) -> str:
+    name = _names.get(raw)
+    if name is not None:
+        return name
     # namesize must be exactly strlen(name) + 1.
     if raw[-1] != 0 or 0 in raw[:-1] or len(raw) == 1:
         raise NvError(f"malformed name at byte {pos}")
-    return raw[:-1].decode("utf-8", "surrogateescape")
+    name = raw[:-1].decode("utf-8", "surrogateescape")
+    if len(_names) < _NAME_CACHE_MAX:
+        _names[raw] = name
+    return name
 
 
 def _decode_value(typ: NvType, raw: bytes, name: str) -> object:
@@ -210,11 +227,8 @@ def _decode_value(typ: NvType, raw: bytes, name: str) -> object:
         if raw[-1] != 0 or 0 in raw[:-1]:
             raise NvError(f"field {name!r} is not a NUL-terminated string")
         return raw[:-1].decode("utf-8", "surrogateescape")
-    if typ in _STRUCTS:
-        st = _STRUCTS[typ]
-        if len(raw) != st.size:
-            raise NvError(f"field {name!r}: {typ.name.lower()} of {len(raw)} bytes")
-        return st.unpack(raw)[0]
+    if typ in _STRUCTS:  # decode() unpacks a scalar of the right size itself
+        raise NvError(f"field {name!r}: {typ.name.lower()} of {len(raw)} bytes")
     if typ == NvType.UINT8_ARRAY:
         return raw
     elem = _STRUCTS[_ARRAY_OF[typ]]
@@ -224,9 +238,18 @@ def _decode_value(typ: NvType, raw: bytes, name: str) -> object:
 
 
 def _check_name(name: str) -> None:
+    _name_bytes(name)
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE_MAX)
+def _name_bytes(name: str) -> bytes:
+    """The encoded name: NUL-terminated, padded to 8; NvError if it cannot be a name. Cached:
+    a program encodes the same few names over and over."""
     raw = name.encode("utf-8", "surrogateescape")
     if not raw or b"\0" in raw or len(raw) > MAX_NAME_LEN:
         raise NvError(f"invalid nv name {name!r}")
+    raw += b"\0"
+    return raw.ljust(_pad(len(raw)), b"\0")
 
 
 def _checked_value(typ: NvType, value: object) -> object:
@@ -261,20 +284,90 @@ def _pack_checked(st: struct.Struct, value: object, typ: NvType) -> bytes:
 
 
 def _encode_field(f: NvField) -> bytes:
-    name = f.name.encode("utf-8", "surrogateescape") + b"\0"
+    name = _name_bytes(f.name)
+    st = _STRUCTS.get(f.type)
+    if st is not None:  # a scalar: the common case, one pack and no padding arithmetic
+        data = st.pack(f.value)
+        return _HEADER.pack(f.type, _namesize(f.name), st.size) + name + data.ljust(_ALIGN, b"\0")
     if f.type == NvType.STRING:
         data = f.value.encode("utf-8", "surrogateescape") + b"\0"  # type: ignore[union-attr]
     elif f.type == NvType.UINT8_ARRAY:
         data = f.value  # type: ignore[assignment]
-    elif f.type in _STRUCTS:
-        data = _STRUCTS[f.type].pack(f.value)
     else:
         elem = _STRUCTS[_ARRAY_OF[f.type]]
         data = b"".join(elem.pack(v) for v in f.value)  # type: ignore[union-attr]
     return b"".join(
         (
-            _HEADER.pack(int(f.type), len(name), len(data)),
-            name.ljust(_pad(len(name)), b"\0"),
+            _HEADER.pack(int(f.type), _namesize(f.name), len(data)),
+            name,
             data.ljust(_pad(len(data)), b"\0"),  # type: ignore[union-attr]
         )
     )
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE_MAX)
+def _namesize(name: str) -> int:
+    """namesize on the wire: the encoded name's length plus its NUL."""
+    return len(name.encode("utf-8", "surrogateescape")) + 1
+
+
+class NvLayout:
+    """A precomputed encoder and decoder for one fixed list of scalar fields (a wire header whose
+    names, types and order never change, such as an I/O request or reply).
+
+    `encode(*values)` is byte-for-byte `NvList` with the same fields `.encode()`, in one
+    `struct.Struct.pack`. `decode(data)` returns the NvList the generic `NvList.decode` would,
+    when `data` is exactly this layout as `encode` writes it (same type bytes, names and sizes,
+    zero name padding, nothing after the last element); otherwise None, and the caller falls
+    back to `NvList.decode`, which also accepts everything else the format allows.
+
+    Contract: encode's values must be ints; a value out of its type's range raises NvError, as
+    the generic `NvList.add` does (bools are not refused here: callers pass ints of their own).
+    """
+
+    __slots__ = ("fields", "size", "_struct", "_consts", "_n")
+
+    def __init__(self, fields: Sequence[tuple[str, NvType]]):
+        if not fields:
+            raise NvError("a layout needs at least one field")
+        fmt = ["<"]
+        consts = []
+        for name, typ in fields:
+            typ = NvType(typ)
+            st = _STRUCTS.get(typ)
+            if st is None:
+                raise NvError(f"layout field {name!r}: {typ.name.lower()} is not a scalar type")
+            head = _HEADER.pack(typ, _namesize(name), st.size) + _name_bytes(name)
+            consts.append(head)
+            fmt.append(f"{len(head)}s{_SCALAR_FMT[typ]}{_ALIGN - st.size}x")
+        self.fields = tuple((name, NvType(typ)) for name, typ in fields)
+        self._struct = struct.Struct("".join(fmt))
+        self._consts = tuple(consts)
+        self._n = len(consts)
+        self.size = self._struct.size
+
+    def encode(self, *values: int) -> bytes:
+        if len(values) != self._n:
+            raise NvError(f"layout of {self._n} fields given {len(values)} values")
+        args: list[object] = [None] * (2 * self._n)
+        args[0::2] = self._consts
+        args[1::2] = values
+        try:
+            return self._struct.pack(*args)
+        except struct.error as exc:
+            raise NvError(f"value does not fit the layout {self.fields}: {exc}") from None
+
+    def values(self, data: bytes | bytearray | memoryview) -> tuple[int, ...] | None:
+        """The field values if data is exactly this layout (see the class doc), else None."""
+        if len(data) != self.size:
+            return None
+        unpacked = self._struct.unpack(data)
+        if unpacked[0::2] != self._consts:
+            return None
+        return unpacked[1::2]
+
+    def decode(self, data: bytes | bytearray | memoryview) -> NvList | None:
+        values = self.values(data)
+        if values is None:
+            return None
+        return NvList([NvField(name, typ, v) for (name, typ), v in zip(self.fields, values)])

@@ -41,7 +41,8 @@ from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
 from hastpy.rangelock import LockKind, RangeLocks
-from hastpy.transport import FrameStream, connect, recv_one, send_frame, set_timeout
+from hastpy.proto.frame import encode_frame, encode_frame_nv
+from hastpy.transport import FrameStream, connect, recv_one, send_buffers, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges, set_io_flusher
 
 log = logging.getLogger("hastd")
@@ -125,12 +126,22 @@ class Link:
             self.close(f"send failed: {exc}")
 
     def _send(self, req: msg.Request, data) -> None:
-        nv = req.to_nv()
-        payload = None
-        if data is not None:
-            payload = pipeline.encode_payload(data, self.p.res.compression, self.p.res.checksum, nv)
+        res = self.p.res
+        body = None
+        if data is None:
+            body = msg.encode_request_nv(req, 0)
+        elif pipeline.passes_through(data, res.compression, res.checksum):
+            body = msg.encode_request_nv(req, memoryview(data).nbytes)
+        if body is not None:  # the hot path: a fixed layout, one struct pack (messages.py)
+            bufs = encode_frame_nv(self.version, body, data)
+        else:
+            nv = req.to_nv()
+            payload = None
+            if data is not None:
+                payload = pipeline.encode_payload(data, res.compression, res.checksum, nv)
+            bufs = encode_frame(self.version, nv, payload)
         with self._send_lock:
-            send_frame(self.out, self.version, nv, payload)
+            send_buffers(self.out, bufs)
             self.last_send = time.monotonic()
 
     def send_syncdone(self) -> None:
@@ -182,7 +193,7 @@ class Link:
             self.close(f"send failed: {exc}")
 
     def _recv_loop(self) -> None:
-        stream = FrameStream(self.inn, self.version, self.maxio)
+        stream = FrameStream(self.inn, self.version, self.maxio, msg.REPLY_LAYOUTS)
         try:
             while not self.closed:
                 try:
@@ -401,8 +412,8 @@ class Primary:
                 self._unlock_range(hio.range_token)
                 done(errno.EIO, None)
                 return
-        self.count("writes" if kind == "write" else "deletes")
         with self._stats_lock:
+            self.stats["writes" if kind == "write" else "deletes"] += 1
             self.inflight += 1
         link = self.link
         chunks = self._remote_chunks(offset, length, link) if link else []

@@ -30,7 +30,8 @@ from hastpy.errors import HastError, RemoteProtocolError
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
-from hastpy.transport import FrameStream, send_frame, set_timeout
+from hastpy.proto.frame import encode_frame, encode_frame_nv
+from hastpy.transport import PAYLOAD_READ_AHEAD, FrameStream, send_buffers, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges
 
 log = logging.getLogger("hastd")
@@ -85,12 +86,24 @@ class Secondary:
     # -- replies --------------------------------------------------------------------------------
 
     def reply(self, seq: int, error: int = 0, received: bool = False, data: bytes | None = None) -> None:
-        nv = msg.Reply(seq=seq, error=error, received=received).to_nv()
-        payload = None
-        if data is not None and not error:
-            payload = pipeline.encode_payload(data, self.res.compression, self.res.checksum, nv)
+        rep = msg.Reply(seq=seq, error=error, received=received)
+        if data is not None and error:
+            data = None
+        body = None
+        if data is None:
+            body = msg.encode_reply_nv(rep, 0)
+        elif pipeline.passes_through(data, self.res.compression, self.res.checksum):
+            body = msg.encode_reply_nv(rep, memoryview(data).nbytes)
+        if body is not None:  # the hot path: a fixed layout, one struct pack (messages.py)
+            bufs = encode_frame_nv(self.version, body, data)
+        else:
+            nv = rep.to_nv()
+            payload = None
+            if data is not None:
+                payload = pipeline.encode_payload(data, self.res.compression, self.res.checksum, nv)
+            bufs = encode_frame(self.version, nv, payload)
         with self._send_lock:
-            send_frame(self.repsock, self.version, nv, payload)
+            send_buffers(self.repsock, bufs)
 
     # -- disk work (pool threads) ---------------------------------------------------------------
 
@@ -210,7 +223,7 @@ class Secondary:
         self.pool.submit(self._io, req, data)
 
     def serve(self) -> int:
-        stream = FrameStream(self.reqsock, self.version, self.maxio)
+        stream = FrameStream(self.reqsock, self.version, self.maxio, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
         recv_timeout = self.res.timeout if self.version >= msg.PROTO_VERSION_MAXIO else HASTD_RECV_TIMEOUT
         set_timeout(self.reqsock, recv_timeout)
         try:

@@ -12,7 +12,7 @@ import struct
 from hastpy.constants import DEFAULT_PORT
 from hastpy.config import parse_tcp_address
 from hastpy.errors import NvError, RemoteProtocolError
-from hastpy.nv import NvList, NvType
+from hastpy.nv import NvLayout, NvList, NvType
 from hastpy.proto.frame import (
     HEADER,
     HEADER_SIZE,
@@ -29,6 +29,10 @@ LISTEN_BACKLOG = 8
 # FrameStream's buffer for frame headers and nv lists: room for the largest nv list (64 KiB)
 # and for a few thousand small replies per recv. Payloads bypass it (recv_into their own buffer).
 HEAD_BUFFER = 2 * MAX_NV_SIZE
+# FrameStream's read-ahead on a stream of frames that carry payloads: a request's header and nv
+# list (~100 bytes) fit many times over, and at most this much of a payload is copied through the
+# header buffer instead of being received in place.
+PAYLOAD_READ_AHEAD = 4096
 # Kernel socket buffers big enough for several MiB of requests in flight on a fast link.
 SOCKET_BUFFER = 4 * 1024 * 1024
 # TCP keepalive: a peer that vanished without FIN/RST is noticed in ~KEEPIDLE + KEEPINTVL*KEEPCNT.
@@ -119,7 +123,13 @@ def peer_host(sock: socket.socket) -> str:
 
 def send_frame(sock: socket.socket, version: int, nv: NvList, payload=None) -> None:
     """Send one frame without joining the payload to the header (no copy of a 1 MiB buffer)."""
-    bufs = [memoryview(b).cast("B") for b in encode_frame(version, nv, payload) if len(b)]
+    send_buffers(sock, encode_frame(version, nv, payload))
+
+
+def send_buffers(sock: socket.socket, buffers) -> None:
+    """Send every buffer in order (one frame from encode_frame or encode_frame_nv) with sendmsg;
+    a kernel send timeout becomes TimeoutError."""
+    bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
     while bufs:
         try:
             sent = sock.sendmsg(bufs)
@@ -143,10 +153,25 @@ class FrameStream:
     and errors are FrameReader's (hastpy.proto.frame).
     """
 
-    def __init__(self, sock: socket.socket, max_version: int, max_payload: int):
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_version: int,
+        max_payload: int,
+        layouts: tuple[NvLayout, ...] = (),
+        read_ahead: int = HEAD_BUFFER,
+    ):
+        """layouts: the fixed nv layouts this stream mostly carries (messages.REQUEST_LAYOUTS,
+        REPLY_LAYOUTS), tried in order before the generic decoder; same result, less work.
+        read_ahead: the most one receive for headers asks for. Bytes past the nv list that
+        belong to a payload are copied out of the buffer; a stream of payload-carrying frames
+        (the secondary's requests) uses PAYLOAD_READ_AHEAD so that almost all of a payload
+        arrives straight in its own buffer, a stream of small frames (replies) the whole buffer."""
         self._sock = sock
         self.max_version = max_version
         self.max_payload = max_payload
+        self._layouts = layouts
+        self._read_ahead = read_ahead
         self._buf = bytearray(HEAD_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # unconsumed bytes are _buf[_start:_end]
@@ -161,8 +186,15 @@ class FrameStream:
             )
         if nvsize > MAX_NV_SIZE:
             raise RemoteProtocolError(f"nv header of {nvsize} bytes exceeds the limit {MAX_NV_SIZE}")
+        raw = self._take(nvsize)
+        nv = None
+        for layout in self._layouts:
+            nv = layout.decode(raw)
+            if nv is not None:
+                break
         try:
-            nv = NvList.decode(self._take(nvsize))
+            if nv is None:
+                nv = NvList.decode(raw)
             size = nv.get_int(SIZE_FIELD, NvType.UINT32, 0)
         except NvError as exc:
             raise RemoteProtocolError(f"bad nv header: {exc}") from exc
@@ -175,21 +207,22 @@ class FrameStream:
         payload[:got] = self._view[self._start : self._start + got]
         self._start += got
         while got < size:
-            n = self._recv_into(payload[got:])
+            n = self._recv_into(payload[got:], socket.MSG_WAITALL)
             if not n:
                 raise ConnectionError("connection closed by peer")
             got += n
         return Frame(version, nv, payload)
 
     def _take(self, n: int) -> bytes:
-        """The next n bytes (n <= HEAD_BUFFER), receiving as much as the buffer holds."""
+        """The next n bytes (n <= HEAD_BUFFER), receiving up to read_ahead bytes at a time."""
         if self._end - self._start < n:
             if self._start:
                 left = self._end - self._start
                 self._view[:left] = self._view[self._start : self._end]
                 self._start, self._end = 0, left
             while self._end < n:
-                got = self._recv_into(self._view[self._end :])
+                limit = min(HEAD_BUFFER, self._start + max(n, self._read_ahead))
+                got = self._recv_into(self._view[self._end : limit])
                 if not got:
                     raise ConnectionError("connection closed by peer")
                 self._end += got
@@ -197,9 +230,9 @@ class FrameStream:
         self._start += n
         return out
 
-    def _recv_into(self, view: memoryview) -> int:
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:
-            return self._sock.recv_into(view)
+            return self._sock.recv_into(view, 0, flags)
         except BlockingIOError:
             raise TimeoutError("receive timed out") from None
 

@@ -5,6 +5,16 @@ This module does no I/O (h11's rule, reference/style.md §2): the caller feeds r
 hand back. Everything that decides what the protocol allows lives here, so the socket loop in
 `server.py` only moves bytes and dispatches work.
 
+Bulk data does not have to go through the codec's buffer. After NEED_DATA the caller asks:
+
+- `payload_wanted()`: if > 0, a WRITE's payload is being collected and that many of its bytes
+  are still to come; the caller receives up to that many into a buffer of its own (one copy,
+  from the kernel) and hands it over with `receive_payload()`. A payload that arrives whole this
+  way becomes the request's `data` as is, never copied or zero-filled by the codec;
+- otherwise `receive_limit()`: the most bytes to pass to `receive_data()` next without pulling
+  the start of a WRITE payload through the buffer (in transmission: the rest of the next request
+  header). Receiving more is allowed, only slower: those payload bytes are then copied.
+
 The protocol is NetworkBlockDevice/nbd doc/proto.md (reference/peers.md §5.3). We implement the
 subset every client we care about negotiates (peers.md §5.4): the Linux kernel via nbd-client, and
 libnbd's nbdinfo, nbdcopy and nbdfuse, and qemu:
@@ -195,6 +205,9 @@ MAX_STRING_LENGTH = 4096
 # compaction copies are amortised over many requests.
 _COMPACT_THRESHOLD = 64 * 1024
 
+# Raw request type -> Command, for the types we serve (a dict lookup, not an enum call).
+_COMMANDS = {int(c): c for c in Command}
+
 # Commands whose offset/length address export bytes, and so are range- and alignment-checked.
 _RANGED_COMMANDS = frozenset({Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
 # Commands that modify the export: refused with EPERM on a read-only export.
@@ -258,8 +271,9 @@ class Aborted:
 class Request:
     """A valid transmission request. `data` is the payload of a WRITE, else empty.
 
-    For a large WRITE `data` is a memoryview of a buffer owned by this event alone: the codec
-    never touches it again, so it may be handed to other threads without copying.
+    A WRITE's `data` is a read-only bytes-like object owned by this event alone (the buffer the
+    caller handed to receive_payload(), or one the codec assembled): the codec never touches it
+    again, so it may be handed to other threads without copying.
     """
 
     kind: Command
@@ -470,10 +484,15 @@ class ServerConnection:
         self.no_zeroes = False
         self._buffer = _ReceiveBuffer()
         self._eof = False
-        # A WRITE whose payload is still arriving: the event to emit, and the buffer it fills.
-        self._pending: Request | None = None
+        # A WRITE whose payload is still arriving: its header (flags, handle, offset, length),
+        # its length, and the buffer it fills. The buffer is allocated only when the payload
+        # arrives in pieces; a payload handed whole to receive_payload() becomes the request's
+        # data as is.
+        self._pending: tuple[int, int, int, int] | None = None
+        self._pending_length = 0
         self._payload: bytearray | None = None
         self._filled = 0
+        self._whole: bytes | bytearray | memoryview | None = None  # a payload received in one piece
         # Bytes of a refused WRITE's payload still to be skipped (never buffered whole).
         self._discard = 0
 
@@ -498,6 +517,41 @@ class ServerConnection:
             data = self._receive_direct(data)
         if data:
             self._buffer.append(data)
+
+    def payload_wanted(self) -> int:
+        """Bytes of a WRITE payload still expected that are not buffered yet; 0 when no payload
+        is being collected. Valid after next_event() returned NEED_DATA."""
+        if self._pending is None or self._buffer:
+            return 0
+        return self._pending_length - self._filled
+
+    def receive_payload(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes of the WRITE payload being collected: at least 1 and at most payload_wanted().
+
+        The codec keeps `data` (it may become the request's payload without a copy): the caller
+        must not modify or reuse it afterwards. EOF is reported with receive_data(b"").
+        """
+        wanted = self.payload_wanted()
+        if not 0 < len(data) <= wanted:
+            raise LocalProtocolError(f"receive_payload of {len(data)} bytes; {wanted} wanted")
+        if self._filled == 0 and len(data) == wanted:
+            self._whole = data  # the common case: the payload in one piece, kept as is
+            self._filled = wanted
+            return
+        self._receive_direct(memoryview(data).cast("B"))
+
+    def receive_limit(self) -> int:
+        """The most bytes worth receiving for receive_data() next (see the module doc).
+
+        In transmission: the rest of the next request header, or the rest of a refused WRITE's
+        payload that is being skipped; before that (handshake): MAX_OPTION_LENGTH plus an option
+        header, a bound on what one message may need.
+        """
+        if self.state is State.TRANSMISSION:
+            if self._discard:
+                return self._discard
+            return max(REQUEST_HEADER.size - len(self._buffer), 1)
+        return OPTION_HEADER.size + MAX_OPTION_LENGTH
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """The next event, or NEED_DATA. Raises RemoteProtocolError if the client broke the
@@ -533,9 +587,9 @@ class ServerConnection:
     def _receive_direct(self, data: memoryview) -> memoryview:
         """Feed an in-progress WRITE payload (or a refused one) straight from `data`, sparing the
         receive buffer a copy of the bulk of every large write. Returns what is left over."""
-        if self._payload is not None:
-            n = min(len(self._payload) - self._filled, len(data))
-            self._payload[self._filled : self._filled + n] = data[:n]
+        if self._pending is not None:
+            n = min(self._pending_length - self._filled, len(data))
+            memoryview(self._payload_buffer())[self._filled : self._filled + n] = data[:n]
             self._filled += n
             return data[n:]
         n = min(self._discard, len(data))
@@ -545,11 +599,18 @@ class ServerConnection:
     def _drain_payload(self) -> bool:
         """Move buffered bytes into the payload being collected or skipped; True when none is
         outstanding any more."""
-        if self._payload is not None:
-            self._filled += self._buffer.take_into(memoryview(self._payload)[self._filled :])
-            return self._filled == len(self._payload)
+        if self._pending is not None:
+            if self._buffer:
+                self._filled += self._buffer.take_into(memoryview(self._payload_buffer())[self._filled :])
+            return self._filled == self._pending_length
         self._discard -= self._buffer.discard(self._discard)
         return self._discard == 0
+
+    def _payload_buffer(self) -> bytearray:
+        """The buffer a payload arriving in pieces is assembled in, allocated on first use."""
+        if self._payload is None:
+            self._payload = bytearray(self._pending_length)
+        return self._payload
 
     # -- handshake --
 
@@ -653,21 +714,22 @@ class ServerConnection:
             if kind == Command.WRITE:
                 self._discard = length  # the payload follows anyway; skip it as it arrives
             return RequestError(kind, flags, handle, offset, length, error, reason)
-        request = Request(Command(kind), flags, handle, offset, length)
+        if kind == Command.WRITE:
+            return self._read_write_payload(flags, handle, offset, length)
+        request = Request(_COMMANDS[kind], flags, handle, offset, length)
         if kind == Command.DISC:
             self.state = State.DONE
-            return request
-        if kind != Command.WRITE:
-            return request
-        return self._read_write_payload(request)
+        return request
 
-    def _read_write_payload(self, request: Request) -> Event | type[NEED_DATA]:
+    def _read_write_payload(self, flags: int, handle: int, offset: int, length: int) -> Event | type[NEED_DATA]:
         """A WRITE's payload: taken at once if buffered, else collected into its own buffer."""
-        data = self._buffer.take(request.length)
+        data = self._buffer.take(length)
         if data is not None:
-            return _with_data(request, data)
-        self._pending = request
-        self._payload = bytearray(request.length)
+            return Request(Command.WRITE, flags, handle, offset, length, data)
+        self._pending = (flags, handle, offset, length)
+        self._pending_length = length
+        self._payload = None
+        self._whole = None
         self._filled = 0
         return self._read_transmission()
 
@@ -679,10 +741,13 @@ class ServerConnection:
         return self._read_request()
 
     def _complete_write(self) -> Event:
-        request, payload = self._pending, self._payload
-        assert request is not None and payload is not None
-        self._pending = self._payload = None
-        return _with_data(request, memoryview(payload).toreadonly())
+        pending, payload, whole = self._pending, self._payload, self._whole
+        assert pending is not None
+        self._pending = self._payload = self._whole = None
+        if whole is None:
+            assert payload is not None
+            whole = memoryview(payload).toreadonly()
+        return Request(Command.WRITE, *pending, whole)
 
     def _validate(self, kind: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         """(0, "") for a request we will run, else the NBD error to reply and why."""
@@ -709,10 +774,6 @@ class ServerConnection:
             error = NBD_ENOSPC if kind in _WRITE_COMMANDS else NBD_EINVAL
             return error, f"range {offset}+{length} past the export size {self.size}"
         return 0, ""
-
-
-def _with_data(request: Request, data: bytes | memoryview) -> Request:
-    return Request(request.kind, request.flags, request.handle, request.offset, request.length, data)
 
 
 def _parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | None:

@@ -62,9 +62,10 @@ Buffer = bytes | bytearray | memoryview
 
 # --- Limits, each with its reason ---------------------------------------------------------------
 
-# One recv_into() takes up to this much: a 1 MiB write arrives in a handful of system calls and a
-# burst of small requests is parsed from one buffer, keeping per-request overhead low.
-RECV_BUFFER_SIZE = 1024 * 1024
+# The buffer for everything but WRITE payloads (handshake messages, request headers, skipped
+# payloads): the codec's receive_limit() never asks for more than an option (16 KiB + header),
+# and request headers are received one at a time so that no payload byte passes through it.
+RECV_BUFFER_SIZE = 64 * 1024
 # Requests in flight per connection. hastd keeps HAST_HIO_MAX (160) requests in its pipeline and
 # we must not be a narrower pipe than it; the kernel client queues at most 128 per connection, so
 # it is never throttled by us, while a misbehaving client cannot make us hold unbounded work.
@@ -315,7 +316,8 @@ class InFlightWindow:
 
     def acquire(self, nbytes: int) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._fits(nbytes))
+            if not self._fits(nbytes):  # the common case fits at once: no predicate closure
+                self._cond.wait_for(lambda: self._fits(nbytes))
             self.requests += 1
             self.bytes += nbytes
 
@@ -426,14 +428,12 @@ class ExportConnection:
             description=self._config.description,
         )
         self._send([codec.greeting()])
-        buffer = bytearray(RECV_BUFFER_SIZE)
-        view = memoryview(buffer)
+        view = memoryview(bytearray(RECV_BUFFER_SIZE))
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
-                n = self._sock.recv_into(buffer)
-                codec.receive_data(view[:n])
-            elif isinstance(event, Request):
+                self._receive(codec, view)
+            elif type(event) is Request:
                 if event.kind == Command.DISC:
                     return
                 self._dispatch(event)
@@ -451,6 +451,25 @@ class ExportConnection:
             else:
                 assert isinstance(event, ConnectionClosed)
                 return
+
+    def _receive(self, codec: ServerConnection, view: memoryview) -> None:
+        """Receive what the codec needs next. A WRITE payload is received straight into a
+        `bytes` of its own (allocated by recv, not zero-filled; MSG_WAITALL: the whole payload in
+        one call, with the GIL released) that becomes the request's data without another copy.
+        Memory stays bounded as before: a payload lives as long as its request, so at most the
+        window's requests plus the one being received (<= max_block_size, checked by the codec
+        before anything is allocated) hold payload bytes. Everything else goes through `view`,
+        at most what the codec says it can use."""
+        wanted = codec.payload_wanted()
+        if wanted:
+            data = self._sock.recv(wanted, socket.MSG_WAITALL)
+            if data:
+                codec.receive_payload(data)
+            else:
+                codec.receive_data(b"")  # EOF in the middle of a payload: the codec reports it
+            return
+        n = self._sock.recv_into(view, min(codec.receive_limit(), len(view)))
+        codec.receive_data(view[:n])
 
     def _dispatch(self, request: Request) -> None:
         """Hand a request to the backend; blocks while the window is full (backpressure)."""
@@ -492,7 +511,10 @@ class ExportConnection:
             if self._broken:
                 return
             try:
-                sendall_vectored(self._sock, [header, data])
+                if data:
+                    sendall_vectored(self._sock, [header, data])
+                else:
+                    self._sock.sendall(header)
             except OSError as exc:
                 # The client is gone: drop later replies and make the receive loop see EOF.
                 log.info("nbd: reply to %#x not sent: %s", request.handle, exc)

@@ -78,6 +78,16 @@ def encode_frame(version: int, nv: NvList, payload: Buffer | None = None) -> lis
     return [head, payload] if nbytes else [head]  # type: ignore[list-item]
 
 
+def encode_frame_nv(version: int, body: bytes, payload: Buffer | None = None) -> list[Buffer]:
+    """encode_frame for an nv list the caller has already encoded, `size` field included when
+    there is a payload (messages.encode_request_nv and encode_reply_nv do that). The caller
+    vouches for body; only what the header itself needs is checked."""
+    if len(body) > MAX_NV_SIZE:
+        raise LocalProtocolError(f"nv header of {len(body)} bytes exceeds {MAX_NV_SIZE}")
+    head = HEADER.pack(version, len(body)) + body
+    return [head, payload] if payload is not None and _nbytes(payload) else [head]  # type: ignore[list-item]
+
+
 def _nbytes(buf: Buffer) -> int:
     try:
         view = memoryview(buf)

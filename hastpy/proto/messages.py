@@ -41,7 +41,7 @@ from hastpy.constants import (
     TOKEN_SIZE,
 )
 from hastpy.errors import LocalProtocolError, NvError, RemoteProtocolError
-from hastpy.nv import NvList, NvType
+from hastpy.nv import NvLayout, NvList, NvType
 
 PROTO_VERSION_MEMSYNC = 2  # first version with "memsync"/"received"
 PROTO_VERSION_MAXIO = 3  # first version with "maxio"
@@ -501,6 +501,52 @@ class Reply:
             raise RemoteProtocolError("reply: seq is 0")
         error = _optional(nv, "error", NvType.INT16, "reply", 0)
         return cls(seq, from_wire_errno(error), nv.exists("received"))  # type: ignore[arg-type]
+
+
+# -- precomputed encoders and decoders for the hot I/O messages ----------------------------------
+#
+# Every user write is one Request and one Reply, so their nv headers are encoded and decoded with
+# fixed layouts (one struct each) instead of field by field. Each layout is the exact field list
+# to_nv() builds for the common case, plus the frame's `size` field (frame.encode_frame appends
+# it after every other field when there is a payload). Anything else (keepalive, memsync,
+# errors, received acks, pipeline fields from compression or checksums) takes the generic path,
+# which tests/unit/test_proto_messages.py proves byte-equal where the layouts apply.
+
+_REQUEST_FIELDS = [("cmd", NvType.UINT8), ("seq", NvType.UINT64), ("offset", NvType.UINT64), ("length", NvType.UINT64)]
+_SIZE_FIELD = [("size", NvType.UINT32)]  # frame.SIZE_FIELD; frame imports nothing from here
+REQUEST_LAYOUT = NvLayout(_REQUEST_FIELDS)
+REQUEST_WITH_PAYLOAD_LAYOUT = NvLayout(_REQUEST_FIELDS + _SIZE_FIELD)
+REPLY_LAYOUT = NvLayout([("seq", NvType.UINT64)])
+REPLY_WITH_PAYLOAD_LAYOUT = NvLayout([("seq", NvType.UINT64)] + _SIZE_FIELD)
+# What a secondary receives and a primary receives, most frequent first (FrameStream tries them
+# in order and decodes anything else field by field).
+REQUEST_LAYOUTS = (REQUEST_WITH_PAYLOAD_LAYOUT, REQUEST_LAYOUT)
+REPLY_LAYOUTS = (REPLY_LAYOUT, REPLY_WITH_PAYLOAD_LAYOUT)
+
+
+def encode_request_nv(req: Request, payload_size: int) -> bytes | None:
+    """req.to_nv().encode() followed by the `size` field encode_frame adds for a payload of
+    payload_size bytes (none for 0), in one pack; None when req needs the generic path (a
+    keepalive or a memsync write). The payload must go out unchanged by the pipeline (see
+    pipeline.passes_through), since pipeline fields would sit before `size`."""
+    if req.cmd == Cmd.KEEPALIVE or req.memsync:
+        return None
+    req._check()  # noqa: SLF001 - the same checks as to_nv()
+    if payload_size:
+        return REQUEST_WITH_PAYLOAD_LAYOUT.encode(req.cmd, req.seq, req.offset, req.length, payload_size)
+    return REQUEST_LAYOUT.encode(req.cmd, req.seq, req.offset, req.length)
+
+
+def encode_reply_nv(rep: Reply, payload_size: int) -> bytes | None:
+    """rep.to_nv().encode() plus the frame's `size` field, as encode_request_nv; None when rep
+    needs the generic path (an error or a memsync "received" ack)."""
+    if rep.error or rep.received:
+        return None
+    if rep.seq == 0:
+        raise LocalProtocolError("reply: seq 0 means 'absent' on the wire")
+    if payload_size:
+        return REPLY_WITH_PAYLOAD_LAYOUT.encode(rep.seq, payload_size)
+    return REPLY_LAYOUT.encode(rep.seq)
 
 
 # -- errno --------------------------------------------------------------------------------------

@@ -86,6 +86,21 @@ def _check_algorithms(compression: str, checksum: str) -> None:
         raise LocalProtocolError(f"unknown checksum {checksum!r}")
 
 
+def passes_through(data: Buffer, compression: str, checksum: str) -> bool:
+    """Whether encode_payload(data, compression, checksum, nv) would return data itself and add
+    no field to nv: no checksum, and no compression that applies (hole: data is not all zeroes;
+    lzf is not predicted, it always takes the generic path). The hot path's test: then the
+    request's nv is a fixed layout (messages.encode_request_nv)."""
+    if checksum != CHECKSUM_NONE:
+        return False
+    if compression == COMPRESSION_NONE:
+        return True
+    if compression != COMPRESSION_HOLE:
+        return False
+    size = memoryview(data).nbytes
+    return size <= _ORIGSIZE.size or size > _UINT32_MAX or not is_all_zero(data)
+
+
 def _compress(data: Buffer, compression: str) -> tuple[str, Buffer]:
     """(algorithm actually used, bytes to send)."""
     if compression == COMPRESSION_NONE:

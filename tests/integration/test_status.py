@@ -94,8 +94,9 @@ def test_counters_match_the_io_done(make_pair):
 
 
 def test_activemap_updates_track_writes_beyond_keepdirty(make_pair):
-    """keepdirty 4, writes round-robin over 16 extents: every write lands in an extent that is no
-    longer marked on disk, so (nearly) every write costs a bitmap update."""
+    """keepdirty 4, writes round-robin over 16 extents in strides of 3 (never the extent after
+    the last one, so no sequential pre-marking): every write lands in an extent that is no longer
+    marked on disk, so (nearly) every write costs a bitmap update."""
     pair = make_pair(size=64 * MiB, create_args=["-k", "4"]).start()
     a = pair.a.status()
     assert a["keepdirty"] == 4
@@ -103,11 +104,26 @@ def test_activemap_updates_track_writes_beyond_keepdirty(make_pair):
     c = pair.a.client()
     nwrites = 64
     for i in range(nwrites):
-        c.pwrite((i % 16) * ext + 8192, os.urandom(4096))
+        c.pwrite((i * 3 % 16) * ext + 8192, os.urandom(4096))
     c.disconnect()
     st = pair.a.status()["statistics"]
     assert st["writes"] == nwrites
     assert nwrites * 0.9 <= st["activemap_updates"] <= nwrites + 2
+
+
+def test_sequential_writes_premark_the_next_extent(make_pair):
+    """A forward stream over new extents: each bitmap write also marks the next extent
+    (activemap.py, sequential pre-marking), so only every other extent costs an update."""
+    pair = make_pair(size=64 * MiB, create_args=["-k", "4"]).start()
+    ext = pair.a.status()["extentsize"]
+    c = pair.a.client()
+    nextents = 24
+    for i in range(nextents):
+        c.pwrite(i * ext + 8192, os.urandom(4096))
+    c.disconnect()
+    st = pair.a.status()["statistics"]
+    assert st["writes"] == nextents
+    assert nextents // 2 <= st["activemap_updates"] <= nextents // 2 + 2
 
 
 def test_activemap_updates_within_keepdirty_are_rare(make_pair):

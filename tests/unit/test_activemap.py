@@ -11,9 +11,10 @@ SECTOR = 512
 EXT = 1024  # two sectors per extent keeps the maps tiny
 
 
-def make(nextents=10, tail=0, keepdirty=4, maxio=EXT, extentsize=EXT):
-    """A map of nextents extents, the last one ``tail`` bytes short."""
-    return ActiveMap(nextents * extentsize - tail, extentsize, keepdirty, SECTOR, maxio)
+def make(nextents=10, tail=0, keepdirty=4, maxio=EXT, extentsize=EXT, premark=False):
+    """A map of nextents extents, the last one ``tail`` bytes short. Sequential pre-marking is
+    off unless asked: most tests here pin the plain keepdirty LRU."""
+    return ActiveMap(nextents * extentsize - tail, extentsize, keepdirty, SECTOR, maxio, premark)
 
 
 def bits(image: bytes) -> set[int]:
@@ -607,6 +608,91 @@ def test_walk_over_a_large_sparse_map():
     assert seen == marked
 
 
+# --- sequential pre-marking --------------------------------------------------------------------------
+
+
+def sequential_updates(am: ActiveMap, nwrites: int, size: int) -> int:
+    """Write [0, nwrites * size) in order, one write in flight at a time; bitmap writes made."""
+    for i in range(nwrites):
+        offset = i * size
+        if am.write_start(offset, size):
+            assert am.on_disk(offset, size) is False
+            flush(am)
+        assert am.on_disk(offset, size), "write-ahead: the write's extents are on disk first"
+        if am.write_complete(offset, size):
+            flush(am)
+    return am.stat_updates
+
+
+def test_premark_halves_bitmap_writes_of_a_sequential_stream():
+    plain = sequential_updates(make(nextents=64, keepdirty=8), 64 * 4, EXT // 4)
+    premarked = sequential_updates(make(nextents=64, keepdirty=8, premark=True), 64 * 4, EXT // 4)
+    assert plain >= 64  # one per new extent (and evictions ride along)
+    assert premarked <= plain // 2 + 1
+
+
+def test_premark_marks_the_next_extent_in_the_same_flush():
+    am = make(nextents=10, keepdirty=4, premark=True)
+    assert am.write_start(ext_off(0), EXT) is True
+    assert bits(flush(am)) == {0}  # a first write: nothing says the stream is sequential yet
+    am.write_complete(ext_off(0), EXT)
+    assert am.write_start(ext_off(1), EXT) is True
+    assert bits(flush(am)) == {0, 1, 2}  # 0 came before: 2 rides along
+    am.write_complete(ext_off(1), EXT)
+    assert am.write_start(ext_off(2), EXT) is False  # already on disk: no synchronous write
+    am.write_complete(ext_off(2), EXT)
+    assert am.write_start(ext_off(3), EXT) is True
+    assert bits(flush(am)) == {0, 1, 2, 3, 4}  # 4 is an extra on the full list: evicts nothing
+    am.write_complete(ext_off(3), EXT)
+    assert am.write_start(ext_off(4), EXT) is False
+    am.write_complete(ext_off(4), EXT)
+    assert am.write_start(ext_off(5), EXT) is True  # back to keepdirty: 0 and 1 go, 6 comes
+    assert bits(flush(am)) == {2, 3, 4, 5, 6}
+    assert am.stat_updates == 4
+
+
+def test_premark_needs_a_flush_and_room():
+    # No flush needed: nothing is pre-marked (pre-marking never adds a bitmap write).
+    am = make(nextents=10, keepdirty=4, premark=True)
+    for ext in (0, 1):
+        am.write_start(ext_off(ext), 1)
+        flush(am)
+    assert am.bitmap() == image_of(am, {0, 1, 2})
+    assert am.write_start(ext_off(1), 1) is False
+    assert am.bitmap() == image_of(am, {0, 1, 2})
+    # keepdirty 1 (the smallest dirty set asked for): no pre-marking at all.
+    am = make(nextents=10, keepdirty=1, premark=True)
+    assert am.premark is False
+    # The last extent has no next one.
+    am = make(nextents=2, keepdirty=4, premark=True)
+    am.write_start(ext_off(0), 1)
+    flush(am)
+    assert am.write_start(ext_off(1), 1) is True
+    assert bits(flush(am)) == {0, 1}
+
+
+def test_premark_never_pushes_out_a_working_set_that_fits_keepdirty():
+    # Round-robin over exactly keepdirty extents: pre-marking the one after the set must not
+    # evict a member, or every lap would rewrite the bitmap.
+    am = make(nextents=10, keepdirty=4, premark=True)
+    for i in range(64):
+        offset = ext_off(i % 4)
+        if am.write_start(offset, 1):
+            flush(am)
+        if am.write_complete(offset, 1):
+            flush(am)
+    assert am.stat_updates == 3  # 0, then 1 (with 2), then 3 (with 4); never again
+    assert bits(am.bitmap()) == {0, 1, 2, 3, 4}
+
+
+def test_random_writes_are_not_premarked():
+    am = make(nextents=64, keepdirty=8, premark=True)
+    for ext in (10, 30, 50, 20):
+        am.write_start(ext_off(ext), 1)
+        flush(am)
+    assert bits(am.bitmap()) == {10, 30, 50, 20}
+
+
 # --- model check ----------------------------------------------------------------------------------
 
 M_SECTOR = 512
@@ -621,12 +707,14 @@ class ActiveMapModel(RuleBasedStateMachine):
         tail=st.integers(0, 3),
         keepdirty=st.integers(0, 4),
         maxio_sectors=st.integers(1, 5),
+        premark=st.booleans(),
         data=st.data(),
     )
-    def setup(self, nextents, tail, keepdirty, maxio_sectors, data):
+    def setup(self, nextents, tail, keepdirty, maxio_sectors, premark, data):
         mediasize = nextents * M_EXT - tail * M_SECTOR
-        self.am = ActiveMap(mediasize, M_EXT, keepdirty, M_SECTOR, maxio_sectors * M_SECTOR)
+        self.am = ActiveMap(mediasize, M_EXT, keepdirty, M_SECTOR, maxio_sectors * M_SECTOR, premark)
         self.keepdirty = keepdirty
+        self.premark = premark and keepdirty >= 2
         ondisk = data.draw(st.sets(st.integers(0, nextents - 1)))
         self.am.copyin(image_of(self.am, ondisk))
         self.inflight = []  # started, not completed writes
@@ -676,6 +764,7 @@ class ActiveMapModel(RuleBasedStateMachine):
     def start_write(self, data):
         offset, length = self.draw_range(data)
         exts = self.am.extents_of(offset, length)
+        sequential = self.premark and exts[0] - 1 in self.lru
         flag = self.am.write_start(offset, length)
         if not flag:
             assert set(exts) <= self.disk, "write-ahead violated: bit not on disk"
@@ -683,12 +772,22 @@ class ActiveMapModel(RuleBasedStateMachine):
         self.flush_if(flag)
         self.inflight.append((offset, length))
         for ext in exts:
-            if ext in self.lru:
-                self.lru.remove(ext)
-            elif self.keepdirty and len(self.lru) >= self.keepdirty:
+            self.lru_touch(ext)
+        # The pre-marked next extent joins the list as an extra (no eviction), in the same
+        # flush, and only with a flush.
+        if flag and sequential and exts[-1] + 1 < self.am.nextents and exts[-1] + 1 not in self.lru:
+            self.lru.append(exts[-1] + 1)
+            assert exts[-1] + 1 in self.disk, "the pre-marked extent must ride the same flush"
+        assert len(self.lru) <= self.keepdirty + (1 if self.premark else 0)
+
+    def lru_touch(self, ext):
+        if ext in self.lru:
+            self.lru.remove(ext)
+        elif self.keepdirty:
+            while len(self.lru) >= self.keepdirty:
                 self.lru.pop(0)
-            if self.keepdirty:
-                self.lru.append(ext)
+        if self.keepdirty:
+            self.lru.append(ext)
 
     @precondition(lambda self: self.inflight)
     @rule(data=st.data(), remote_failed=st.booleans())

@@ -673,3 +673,129 @@ def test_valid_streams_parse_identically_however_chunked(reqs, cuts):
         position += cut
         events += drain(conn)
     assert normalise(events) == expected
+
+
+# --- the edge's receive interface: payload_wanted / receive_payload / receive_limit -------------
+
+
+def feed_like_the_edge(conn: ServerConnection, stream: bytes, cuts: list[int]) -> list:
+    """Drive conn as server.py does: a payload into its own buffer, at most what the codec
+    wants; everything else at most receive_limit() bytes at a time. `cuts` shortens receives
+    (a socket may return less than asked)."""
+    events, pos, i = [], 0, 0
+    while True:
+        events += drain(conn)
+        if events and isinstance(events[-1], ConnectionClosed):
+            return events
+        if pos == len(stream):
+            conn.receive_data(b"")
+            return events + drain(conn)
+        cut = cuts[i % len(cuts)] if cuts else 1 << 30
+        i += 1
+        wanted = conn.payload_wanted()
+        if wanted:
+            n = min(wanted, cut, len(stream) - pos)
+            conn.receive_payload(bytes(stream[pos : pos + n]))
+        else:
+            n = min(conn.receive_limit(), cut, len(stream) - pos)
+            conn.receive_data(stream[pos : pos + n])
+        pos += n
+
+
+def test_payload_received_whole_is_the_request_data_itself():
+    conn = transmitting()
+    payload = bytes(range(256)) * 1024
+    conn.receive_data(request(Command.WRITE, 3, 4096, data=payload)[:28])
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_wanted() == len(payload)
+    assert conn.receive_limit() == 28 - 0  # nothing buffered: a whole header is still wanted
+    data = bytes(payload)
+    conn.receive_payload(data)
+    event = conn.next_event()
+    assert event == Request(Command.WRITE, 0, 3, 4096, len(payload), payload)
+    assert event.data is data  # no copy, no zero-filled buffer
+    assert conn.payload_wanted() == 0
+    assert conn.next_event() is NEED_DATA
+
+
+def test_payload_in_pieces_and_with_a_buffered_prefix():
+    payload = bytes(range(256)) * 16
+    stream = request(Command.WRITE, 3, 0, data=payload)
+    conn = transmitting()
+    conn.receive_data(stream[:28 + 100])  # the edge read past the header: 100 payload bytes
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_wanted() == len(payload) - 100
+    conn.receive_payload(stream[128:1000])
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_wanted() == len(stream) - 1000
+    conn.receive_payload(stream[1000:])
+    assert normalise(drain(conn)) == [Request(Command.WRITE, 0, 3, 0, len(payload), payload)]
+
+
+def test_receive_payload_refuses_more_than_wanted():
+    conn = transmitting()
+    assert conn.payload_wanted() == 0
+    with pytest.raises(LocalProtocolError):
+        conn.receive_payload(b"x")  # no payload is being collected
+    conn.receive_data(request(Command.WRITE, 3, 0, length=512))
+    assert conn.next_event() is NEED_DATA
+    with pytest.raises(LocalProtocolError):
+        conn.receive_payload(bytes(513))
+    with pytest.raises(LocalProtocolError):
+        conn.receive_payload(b"")
+
+
+def test_eof_in_a_payload_received_by_the_edge():
+    conn = transmitting()
+    conn.receive_data(request(Command.WRITE, 3, 0, length=1024))
+    assert conn.next_event() is NEED_DATA
+    conn.receive_payload(bytes(512))
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+def test_receive_limit_by_state():
+    conn = new_conn()
+    assert conn.receive_limit() == 16 + codec.MAX_OPTION_LENGTH  # handshake: any one option
+    conn = transmitting()
+    assert conn.receive_limit() == 28
+    conn.receive_data(request(Command.READ, 1, 0, 512)[:10])
+    assert conn.next_event() is NEED_DATA
+    assert conn.receive_limit() == 18  # the rest of this header, never a payload byte
+    conn = transmitting()
+    conn.receive_data(request(Command.WRITE, 1, SIZE, length=4096))  # refused: past the end
+    assert isinstance(conn.next_event(), RequestError)
+    assert conn.next_event() is NEED_DATA
+    assert conn.payload_wanted() == 0
+    assert conn.receive_limit() == 4096  # the refused payload, skipped without buffering
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([Command.WRITE, Command.READ, Command.FLUSH, Command.TRIM]),
+            st.integers(0, 8),  # length in 512-byte blocks (0: refused, zero-length)
+            st.booleans(),  # past the end of the export: refused
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.integers(1, 5000), max_size=5),
+)
+def test_edge_receive_matches_receive_data(requests, cuts):
+    """Model check: the edge's way of receiving gives exactly the events of feeding the whole
+    stream through receive_data(), whatever the request mix and however receives are cut."""
+    stream = b""
+    for handle, (kind, blocks, past_end) in enumerate(requests, start=1):
+        length = blocks * 512
+        offset = SIZE if past_end else 512 * handle
+        data = bytes([handle]) * length if kind == Command.WRITE else b""
+        stream += request(kind, handle, offset, length, data=data)
+    stream += request(Command.DISC, 99)
+    reference = transmitting()
+    reference.receive_data(stream)
+    expected = normalise(drain(reference))
+    assert normalise(feed_like_the_edge(transmitting(), stream, cuts)) == expected

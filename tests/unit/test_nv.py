@@ -210,3 +210,117 @@ def test_decode_mutated_lists_only_raises_nverror(fields, where, byte):
         NvList.decode(bytes(raw))
     except NvError:
         pass
+
+
+# --- NvLayout: the precomputed encoder/decoder must be the generic codec, only faster -------------
+
+from hastpy.nv import NvLayout  # noqa: E402
+
+SCALARS = [NvType.INT8, NvType.UINT8, NvType.INT16, NvType.UINT16, NvType.INT32, NvType.UINT32,
+           NvType.INT64, NvType.UINT64]  # fmt: skip
+_RANGE = {
+    NvType.INT8: (-(2**7), 2**7 - 1), NvType.UINT8: (0, 2**8 - 1),
+    NvType.INT16: (-(2**15), 2**15 - 1), NvType.UINT16: (0, 2**16 - 1),
+    NvType.INT32: (-(2**31), 2**31 - 1), NvType.UINT32: (0, 2**32 - 1),
+    NvType.INT64: (-(2**63), 2**63 - 1), NvType.UINT64: (0, 2**64 - 1),
+}  # fmt: skip
+
+layout_names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@st.composite
+def layouts_and_values(draw):
+    names = draw(st.lists(layout_names, min_size=1, max_size=6, unique=True))
+    types = [draw(st.sampled_from(SCALARS)) for _ in names]
+    values = [draw(st.integers(*_RANGE[t])) for t in types]
+    return list(zip(names, types)), values
+
+
+def generic(fields, values) -> NvList:
+    nv = NvList()
+    for (name, typ), value in zip(fields, values):
+        nv.add(name, typ, value)
+    return nv
+
+
+@given(layouts_and_values())
+def test_layout_encode_is_byte_equal_to_generic(case):
+    fields, values = case
+    layout = NvLayout(fields)
+    encoded = layout.encode(*values)
+    assert encoded == generic(fields, values).encode()
+    assert layout.size == len(encoded)
+
+
+@given(layouts_and_values())
+def test_layout_decode_round_trips_and_equals_generic(case):
+    fields, values = case
+    layout = NvLayout(fields)
+    encoded = layout.encode(*values)
+    assert layout.values(encoded) == tuple(values)
+    assert layout.decode(encoded) == NvList.decode(encoded) == generic(fields, values)
+    assert layout.decode(bytearray(encoded)) == NvList.decode(encoded)
+
+
+@given(layouts_and_values(), st.data())
+def test_layout_decode_refuses_anything_else(case, data):
+    """Any other bytes: None (the generic decoder then decides), never a wrong answer."""
+    fields, values = case
+    layout = NvLayout(fields)
+    encoded = bytearray(layout.encode(*values))
+    assert layout.decode(bytes(encoded) + b"\0" * 8) is None  # trailing terminator: generic path
+    assert layout.decode(bytes(encoded[:-1])) is None
+    pos = data.draw(st.integers(0, len(encoded) - 1))
+    encoded[pos] ^= data.draw(st.integers(1, 255))
+    got = layout.decode(bytes(encoded))
+    if got is not None:  # only a value byte or value padding was changed: same as generic
+        assert got == NvList.decode(bytes(encoded))
+
+
+def test_layout_decode_of_another_layout_is_none():
+    a = NvLayout([("seq", NvType.UINT64)])
+    b = NvLayout([("seg", NvType.UINT64)])
+    c = NvLayout([("seq", NvType.INT64)])
+    assert b.decode(a.encode(7)) is None
+    assert c.decode(a.encode(7)) is None
+    assert a.decode(a.encode(7)) == NvList().add_uint64("seq", 7)
+
+
+def test_layout_errors():
+    with pytest.raises(NvError):
+        NvLayout([])
+    with pytest.raises(NvError):
+        NvLayout([("s", NvType.STRING)])
+    with pytest.raises(NvError):
+        NvLayout([("", NvType.UINT8)])
+    layout = NvLayout([("cmd", NvType.UINT8)])
+    with pytest.raises(NvError):
+        layout.encode(256)
+    with pytest.raises(NvError):
+        layout.encode(1, 2)
+
+
+def test_decode_name_cache_is_bounded():
+    from hastpy import nv as nvmod
+
+    for i in range(nvmod._NAME_CACHE_MAX + 10):
+        name = f"n{i}"
+        assert NvList.decode(NvList().add_uint8(name, 1).encode()).get_int(name, NvType.UINT8) == 1
+    assert len(nvmod._names) <= nvmod._NAME_CACHE_MAX
+
+
+def test_decode_odd_sized_scalar_is_an_error():
+    # A uint8 element whose dsize says 2 bytes: the fast scalar path must not take it.
+    raw = bytes.fromhex("02 04 02000000 636d6400 00000000 0505 000000000000")
+    with pytest.raises(NvError):
+        NvList.decode(raw)
+
+
+def test_typed_adders():
+    nv = NvList().add_int8("a", -1).add_int16("b", -2).add_int32("c", -3).add_int64("d", -4)
+    nv.add_uint32("e", 5)
+    decoded = NvList.decode(nv.encode())
+    assert [(f.name, f.type, f.value) for f in decoded] == [
+        ("a", NvType.INT8, -1), ("b", NvType.INT16, -2), ("c", NvType.INT32, -3),
+        ("d", NvType.INT64, -4), ("e", NvType.UINT32, 5),
+    ]  # fmt: skip

@@ -335,3 +335,19 @@ def test_one_mib_round_trip_every_combination():
             nv, wire = _encode(data, compression, checksum)
             assert decode_payload(wire, nv, expected_size=len(data)) == data
             assert nv.exists("compression") == (compression == "lzf")
+
+
+@given(
+    st.one_of(st.binary(max_size=64), st.integers(0, 70).map(bytes)),
+    st.sampled_from(["none", "hole", "lzf"]),
+    st.sampled_from(["none", "crc32", "sha256"]),
+)
+def test_passes_through_predicts_encode_payload(data, compression, checksum):
+    """passes_through() True means encode_payload returns data itself and adds no field."""
+    nv = NvList()
+    wire = pipeline.encode_payload(data, compression, checksum, nv)
+    untouched = wire is data and len(nv) == 0
+    if pipeline.passes_through(data, compression, checksum):
+        assert untouched
+    elif compression != "lzf":  # lzf is never predicted; everything else exactly
+        assert not untouched
