@@ -41,7 +41,6 @@ from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
 from hastpy.rangelock import LockKind, RangeLocks
-from hastpy.proto.frame import encode_frame, encode_frame_nv
 from hastpy.transport import FrameStream, connect, recv_one, send_buffers, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges, set_io_flusher
 
@@ -127,19 +126,7 @@ class Link:
 
     def _send(self, req: msg.Request, data) -> None:
         res = self.p.res
-        body = None
-        if data is None:
-            body = msg.encode_request_nv(req, 0)
-        elif pipeline.passes_through(data, res.compression, res.checksum):
-            body = msg.encode_request_nv(req, memoryview(data).nbytes)
-        if body is not None:  # the hot path: a fixed layout, one struct pack (messages.py)
-            bufs = encode_frame_nv(self.version, body, data)
-        else:
-            nv = req.to_nv()
-            payload = None
-            if data is not None:
-                payload = pipeline.encode_payload(data, res.compression, res.checksum, nv)
-            bufs = encode_frame(self.version, nv, payload)
+        bufs = pipeline.encode_io_frame(self.version, req, msg.encode_request_nv, data, res.compression, res.checksum)
         with self._send_lock:
             send_buffers(self.out, bufs)
             self.last_send = time.monotonic()

@@ -30,7 +30,6 @@ from hastpy.errors import HastError, RemoteProtocolError
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
-from hastpy.proto.frame import encode_frame, encode_frame_nv
 from hastpy.transport import PAYLOAD_READ_AHEAD, FrameStream, send_buffers, send_frame, set_timeout
 from hastpy.worker import Channel, drop_privileges
 
@@ -87,21 +86,8 @@ class Secondary:
 
     def reply(self, seq: int, error: int = 0, received: bool = False, data: bytes | None = None) -> None:
         rep = msg.Reply(seq=seq, error=error, received=received)
-        if data is not None and error:
-            data = None
-        body = None
-        if data is None:
-            body = msg.encode_reply_nv(rep, 0)
-        elif pipeline.passes_through(data, self.res.compression, self.res.checksum):
-            body = msg.encode_reply_nv(rep, memoryview(data).nbytes)
-        if body is not None:  # the hot path: a fixed layout, one struct pack (messages.py)
-            bufs = encode_frame_nv(self.version, body, data)
-        else:
-            nv = rep.to_nv()
-            payload = None
-            if data is not None:
-                payload = pipeline.encode_payload(data, self.res.compression, self.res.checksum, nv)
-            bufs = encode_frame(self.version, nv, payload)
+        payload = None if error else data  # a failed request's reply carries no data
+        bufs = pipeline.encode_io_frame(self.version, rep, msg.encode_reply_nv, payload, self.res.compression, self.res.checksum)
         with self._send_lock:
             send_buffers(self.repsock, bufs)
 

@@ -27,7 +27,7 @@ from types import ModuleType
 
 from hastpy.errors import LocalProtocolError, NvError, RemoteProtocolError
 from hastpy.nv import NvList
-from hastpy.proto.frame import MAX_HANDSHAKE_PAYLOAD, Buffer, Frame, encode_frame
+from hastpy.proto.frame import MAX_HANDSHAKE_PAYLOAD, Buffer, Frame, encode_frame, encode_frame_nv
 
 try:
     import lzf as _lzf
@@ -84,6 +84,25 @@ def _check_algorithms(compression: str, checksum: str) -> None:
         raise LocalProtocolError(f"unknown compression {compression!r}")
     if checksum not in CHECKSUMS:
         raise LocalProtocolError(f"unknown checksum {checksum!r}")
+
+
+def encode_io_frame(version: int, message, fast_nv, data: Buffer | None, compression: str, checksum: str) -> list[Buffer]:
+    """The frame buffers of one I/O request or reply (a messages.Request or Reply) and its payload.
+
+    fast_nv(message, payload_size) is the message's fixed-layout nv with the frame's size field
+    (messages.encode_request_nv or encode_reply_nv), or None where it needs the generic encoder;
+    it is used when the payload passes through the pipeline unchanged. Same bytes either way.
+    """
+    body = None
+    if data is None:
+        body = fast_nv(message, 0)
+    elif passes_through(data, compression, checksum):
+        body = fast_nv(message, memoryview(data).nbytes)
+    if body is not None:  # the hot path: one struct pack
+        return encode_frame_nv(version, body, data)
+    nv = message.to_nv()
+    payload = None if data is None else encode_payload(data, compression, checksum, nv)
+    return encode_frame(version, nv, payload)
 
 
 def passes_through(data: Buffer, compression: str, checksum: str) -> bool:

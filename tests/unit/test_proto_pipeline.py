@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 import hastpy.proto.pipeline as pipeline
 from hastpy.errors import LocalProtocolError, RemoteProtocolError
 from hastpy.nv import NvList
-from hastpy.proto.frame import FrameReader
-from hastpy.proto.messages import Cmd, Request
+from hastpy.proto.frame import FrameReader, encode_frame
+from hastpy.proto.messages import Cmd, Reply, Request, encode_reply_nv, encode_request_nv
 from hastpy.proto.pipeline import (
     CHECKSUMS,
     COMPRESSIONS,
@@ -351,3 +351,25 @@ def test_passes_through_predicts_encode_payload(data, compression, checksum):
         assert untouched
     elif compression != "lzf":  # lzf is never predicted; everything else exactly
         assert not untouched
+
+
+@settings(max_examples=200)
+@given(
+    st.one_of(st.none(), st.binary(min_size=1, max_size=64), st.integers(1, 70).map(bytes)),
+    st.sampled_from(["none", "hole", "lzf"]),
+    st.sampled_from(["none", "crc32", "sha256"]),
+    st.integers(1, 2**64 - 1),
+    st.booleans(),
+)
+def test_io_frame_is_the_generic_frame_on_either_path(data, compression, checksum, seq, request):
+    """encode_io_frame (fixed layout where the payload passes through) sends what to_nv() +
+    encode_payload + encode_frame would, for requests and replies alike."""
+    if request:
+        message = Request(Cmd.WRITE if data else Cmd.FLUSH, seq, 0, len(data) if data else 0)
+        fast = encode_request_nv
+    else:
+        message, fast = Reply(seq), encode_reply_nv
+    got = b"".join(bytes(b) for b in pipeline.encode_io_frame(3, message, fast, data, compression, checksum))
+    nv = message.to_nv()
+    payload = None if data is None else pipeline.encode_payload(data, compression, checksum, nv)
+    assert got == b"".join(bytes(b) for b in encode_frame(3, nv, payload))
