@@ -216,16 +216,19 @@ class ActiveMap:
         exts = self.extents_of(offset, length)
         touched = list(exts)
         sequential = self.premark and bool(exts) and exts[0] - 1 in self._lru
+        # Pre-marking rides only a write-ahead flush (a bit of this write not yet on disk), never
+        # one that only clears evicted bits: it could re-add the extent just evicted and leave
+        # a flush that changes nothing.
+        sets_bits = not all(_test(self._diskmap, ext) for ext in exts)
         for ext in exts:
             count = self._memtab.get(ext, 0)
             self._memtab[ext] = count + 1
             if count == 0:
                 self._mark(ext)
             self._lru_touch(ext, touched)
-        flush = self._differs(touched)
-        if flush and sequential:
+        if sequential and sets_bits:
             self._premark(exts[-1] + 1, touched)
-        return self._count_update(flush)
+        return self._count_update(self._differs(touched))
 
     def write_complete(self, offset: int, length: int) -> bool:
         """Account a write that has finished on both nodes (or is marked with need_sync).

@@ -685,6 +685,21 @@ def test_premark_never_pushes_out_a_working_set_that_fits_keepdirty():
     assert bits(am.bitmap()) == {0, 1, 2, 3, 4}
 
 
+def test_premark_never_turns_an_eviction_flush_into_one_that_changes_nothing():
+    # Found by the model check: a second lap over the same writes, all still in flight, evicts
+    # the pre-marked extent 3; pre-marking it again in the same call used to leave a flush
+    # requested whose image equals what is on disk.
+    am = make(nextents=4, keepdirty=2, premark=True)
+    ondisk = set()
+    for offset, length in ((0, 1), (ext_off(1), EXT + 1), (0, 1), (ext_off(1), EXT + 1)):
+        if am.write_start(offset, length):
+            image = am.bitmap()
+            assert bits(image) != ondisk, "flush requested but the image did not change"
+            am.flushed(image)
+            ondisk = bits(image)
+    assert ondisk == {0, 1, 2}  # 3 (pre-marked by the first lap) evicted and cleared
+
+
 def test_random_writes_are_not_premarked():
     am = make(nextents=64, keepdirty=8, premark=True)
     for ext in (10, 30, 50, 20):
@@ -765,6 +780,7 @@ class ActiveMapModel(RuleBasedStateMachine):
         offset, length = self.draw_range(data)
         exts = self.am.extents_of(offset, length)
         sequential = self.premark and exts[0] - 1 in self.lru
+        sets_bits = not set(exts) <= self.disk
         flag = self.am.write_start(offset, length)
         if not flag:
             assert set(exts) <= self.disk, "write-ahead violated: bit not on disk"
@@ -774,8 +790,9 @@ class ActiveMapModel(RuleBasedStateMachine):
         for ext in exts:
             self.lru_touch(ext)
         # The pre-marked next extent joins the list as an extra (no eviction), in the same
-        # flush, and only with a flush.
-        if flag and sequential and exts[-1] + 1 < self.am.nextents and exts[-1] + 1 not in self.lru:
+        # flush, and only with a flush that sets a bit of this write (write-ahead).
+        if sets_bits and sequential and exts[-1] + 1 < self.am.nextents and exts[-1] + 1 not in self.lru:
+            assert flag
             self.lru.append(exts[-1] + 1)
             assert exts[-1] + 1 in self.disk, "the pre-marked extent must ride the same flush"
         assert len(self.lru) <= self.keepdirty + (1 if self.premark else 0)
