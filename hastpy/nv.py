@@ -106,7 +106,7 @@ class NvList:
 
     def add(self, name: str, typ: NvType, value: object) -> NvList:
         """Append a field after checking it can be encoded; returns self for chaining."""
-        _check_name(name)
+        _encoded_name(name)  # NvError if it cannot be a name
         self._fields.append(NvField(name, NvType(typ), _checked_value(NvType(typ), value)))
         return self
 
@@ -237,19 +237,16 @@ def _decode_value(typ: NvType, raw: bytes, name: str) -> object:
     return tuple(v for (v,) in elem.iter_unpack(raw))
 
 
-def _check_name(name: str) -> None:
-    _name_bytes(name)
-
-
 @functools.lru_cache(maxsize=_NAME_CACHE_MAX)
-def _name_bytes(name: str) -> bytes:
-    """The encoded name: NUL-terminated, padded to 8; NvError if it cannot be a name. Cached:
-    a program encodes the same few names over and over."""
+def _encoded_name(name: str) -> tuple[int, bytes]:
+    """(namesize on the wire: the encoded name plus its NUL, the name NUL-terminated and padded
+    to 8); NvError if it cannot be a name. Cached: a program encodes the same few names over
+    and over."""
     raw = name.encode("utf-8", "surrogateescape")
     if not raw or b"\0" in raw or len(raw) > MAX_NAME_LEN:
         raise NvError(f"invalid nv name {name!r}")
     raw += b"\0"
-    return raw.ljust(_pad(len(raw)), b"\0")
+    return len(raw), raw.ljust(_pad(len(raw)), b"\0")
 
 
 def _checked_value(typ: NvType, value: object) -> object:
@@ -284,11 +281,11 @@ def _pack_checked(st: struct.Struct, value: object, typ: NvType) -> bytes:
 
 
 def _encode_field(f: NvField) -> bytes:
-    name = _name_bytes(f.name)
+    namesize, name = _encoded_name(f.name)
     st = _STRUCTS.get(f.type)
     if st is not None:  # a scalar: the common case, one pack and no padding arithmetic
         data = st.pack(f.value)
-        return _HEADER.pack(f.type, _namesize(f.name), st.size) + name + data.ljust(_ALIGN, b"\0")
+        return _HEADER.pack(f.type, namesize, st.size) + name + data.ljust(_ALIGN, b"\0")
     if f.type == NvType.STRING:
         data = f.value.encode("utf-8", "surrogateescape") + b"\0"  # type: ignore[union-attr]
     elif f.type == NvType.UINT8_ARRAY:
@@ -298,17 +295,11 @@ def _encode_field(f: NvField) -> bytes:
         data = b"".join(elem.pack(v) for v in f.value)  # type: ignore[union-attr]
     return b"".join(
         (
-            _HEADER.pack(int(f.type), _namesize(f.name), len(data)),
+            _HEADER.pack(int(f.type), namesize, len(data)),
             name,
             data.ljust(_pad(len(data)), b"\0"),  # type: ignore[union-attr]
         )
     )
-
-
-@functools.lru_cache(maxsize=_NAME_CACHE_MAX)
-def _namesize(name: str) -> int:
-    """namesize on the wire: the encoded name's length plus its NUL."""
-    return len(name.encode("utf-8", "surrogateescape")) + 1
 
 
 class NvLayout:
@@ -337,7 +328,8 @@ class NvLayout:
             st = _STRUCTS.get(typ)
             if st is None:
                 raise NvError(f"layout field {name!r}: {typ.name.lower()} is not a scalar type")
-            head = _HEADER.pack(typ, _namesize(name), st.size) + _name_bytes(name)
+            namesize, encoded = _encoded_name(name)
+            head = _HEADER.pack(typ, namesize, st.size) + encoded
             consts.append(head)
             fmt.append(f"{len(head)}s{_SCALAR_FMT[typ]}{_ALIGN - st.size}x")
         self.fields = tuple((name, NvType(typ)) for name, typ in fields)

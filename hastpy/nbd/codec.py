@@ -489,7 +489,6 @@ class ServerConnection:
         # arrives in pieces; a payload handed whole to receive_payload() becomes the request's
         # data as is.
         self._pending: tuple[int, int, int, int] | None = None
-        self._pending_length = 0
         self._payload: bytearray | None = None
         self._filled = 0
         self._whole: bytes | bytearray | memoryview | None = None  # a payload received in one piece
@@ -605,6 +604,11 @@ class ServerConnection:
             return self._filled == self._pending_length
         self._discard -= self._buffer.discard(self._discard)
         return self._discard == 0
+
+    @property
+    def _pending_length(self) -> int:
+        """The length of the WRITE whose payload is being collected (call only while one is)."""
+        return self._pending[3]  # type: ignore[index]
 
     def _payload_buffer(self) -> bytearray:
         """The buffer a payload arriving in pieces is assembled in, allocated on first use."""
@@ -727,7 +731,6 @@ class ServerConnection:
         if data is not None:
             return Request(Command.WRITE, flags, handle, offset, length, data)
         self._pending = (flags, handle, offset, length)
-        self._pending_length = length
         self._payload = None
         self._whole = None
         self._filled = 0
