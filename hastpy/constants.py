@@ -72,3 +72,6 @@ SYNCSRC_SECONDARY = 2
 # EX_NOINPUT: its input, the local copy, is unusable). The supervisor then sets role init and
 # reports it; `hastctl promote` exits with it too.
 STALE_DATA_EXIT = 66
+
+# The most buffers one sendmsg takes (Linux UIO_MAXIOV); longer lists are sent in several calls.
+MAX_IOV = 1024

@@ -27,6 +27,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -54,6 +55,11 @@ FIRST_CONNECT_TIMEOUT = 3.0  # bound on the first connect so a dead peer does no
 SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
 KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
 NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
+# How long the bitmap writes that only clear bits (writes that finished) wait to be coalesced.
+# hastd writes one at every such completion; with random writes over more extents than
+# keepdirty that is a synchronous disk write for nearly every write. A bit left set meanwhile
+# costs at most a resync of its extent after a crash (activemap.write_complete: not urgent).
+CLEAR_FLUSH_DELAY = 0.05
 
 SPLIT_BRAIN_ERRMSG = syncdecide.SPLIT_BRAIN_ERRMSG
 
@@ -256,6 +262,7 @@ class Primary:
         self._link_lock = threading.Lock()  # guards self.link and self.connected_since
         self.link: Link | None = None
         self._sync_wanted = threading.Event()
+        self._clear_wanted = threading.Event()  # finished writes left bits to clear on disk
         self._stop = threading.Event()
         self._stats_lock = threading.Lock()
         self.stats = dict.fromkeys(("reads", "writes", "deletes", "flushes", "activemap_updates", "read_errors",
@@ -308,17 +315,18 @@ class Primary:
             metadata.write_metadata(self.fd, self.md)
             localio.flush(self.fd)
 
-    def flush_bitmap(self, offset: int | None = None, length: int = 0, user: bool = False) -> None:
-        """Write the activemap image. With a range: only if those extents are not yet on disk.
+    def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False) -> None:
+        """Write the activemap image. With ranges (offset, length): only if some of their
+        extents are not on disk yet (another writer's flush may have carried them).
 
         Hazard: a write's data must not reach the disk before its extent's bit does, or a crash
-        leaves a modified extent that no one resyncs. Callers pass the write's range and wait.
+        leaves a modified extent that no one resyncs. Callers pass the writes' ranges and wait.
         """
         with self._flush_lock:
             with self._am_lock:
-                if offset is not None and self.am.on_disk(offset, length):
+                if ranges is not None and all(self.am.on_disk(off, ln) for off, ln in ranges):
                     return
-                if offset is None and not self.am.flush_needed():
+                if ranges is None and not self.am.flush_needed():
                     return
                 image = self.am.bitmap()
             self._write_bitmap(image)
@@ -372,6 +380,20 @@ class Primary:
         else:  # write, trim, zero: change data on both nodes
             self._write(kind, offset, length, data, fua, done)
 
+    def submit_many(self, requests: Sequence[tuple]) -> None:
+        """Start requests (submit's arguments each) that arrived together, in order. Runs of
+        writes share one activemap write (group commit): with random writes over more extents
+        than keepdirty, most writes need a bitmap write of their own otherwise."""
+        run: list[tuple] = []
+        for req in requests:
+            if req[0] in ("read", "flush"):
+                self._write_group(run)
+                run = []
+                self.submit(*req)
+            else:
+                run.append(req)
+        self._write_group(run)
+
     def _lock_range(self, kind: LockKind, offset: int, length: int):
         with self._ranges_cv:
             while (token := self._ranges.try_lock(kind, offset, length)) is None:
@@ -388,17 +410,59 @@ class Primary:
         hio.range_token = self._lock_range(LockKind.REGULAR, offset, length)
         with self._am_lock:
             needs_flush = self.am.write_start(offset, length)
-        if needs_flush:
-            try:
-                self.flush_bitmap(offset, length, user=True)
-            except OSError as exc:
-                log.error("Unable to write the activemap: %s.", exc.strerror)
-                self.count("write_errors")
-                with self._am_lock:
-                    self.am.write_complete(offset, length)
-                self._unlock_range(hio.range_token)
-                done(errno.EIO, None)
-                return
+        if self._marked([hio], needs_flush):
+            self._dispatch_write(hio)
+
+    def _write_group(self, requests: list[tuple]) -> None:
+        """_write for each request, with one bitmap write for all: each takes its range lock
+        and activemap reference, then one flush covers them, then each is dispatched. A request
+        whose range is locked (an overlapping write, or a sync chunk) ends the group and waits,
+        as _write would, once the group is on its way."""
+        if len(requests) < 2:
+            for req in requests:
+                self._write(*req)
+            return
+        group: list[Hio] = []
+        needs_flush = False
+        for i, req in enumerate(requests):
+            with self._ranges_cv:
+                token = self._ranges.try_lock(LockKind.REGULAR, req[1], req[2])
+            if token is None:
+                break
+            hio = Hio(*req)
+            hio.range_token = token
+            with self._am_lock:
+                needs_flush |= self.am.write_start(hio.offset, hio.length)
+            group.append(hio)
+        else:
+            i = len(requests)
+        if self._marked(group, needs_flush):
+            for hio in group:
+                self._dispatch_write(hio)
+        for req in requests[i:]:
+            self._write(*req)
+
+    def _marked(self, hios: list[Hio], needs_flush: bool) -> bool:
+        """Make the writes' activemap bits durable if write_start asked for it. On failure every
+        write fails with EIO, nothing of it dispatched, and False is returned."""
+        if not needs_flush or not hios:
+            return True
+        try:
+            self.flush_bitmap([(h.offset, h.length) for h in hios], user=True)
+            return True
+        except OSError as exc:
+            log.error("Unable to write the activemap: %s.", exc.strerror)
+        for hio in hios:
+            self.count("write_errors")
+            with self._am_lock:
+                self.am.write_complete(hio.offset, hio.length)
+            self._unlock_range(hio.range_token)
+            hio.done(errno.EIO, None)
+        return False
+
+    def _dispatch_write(self, hio: Hio) -> None:
+        """Send a write, whose activemap bits are on disk, to both disks."""
+        kind, offset, length, data, fua = hio.kind, hio.offset, hio.length, hio.data, hio.fua
         with self._stats_lock:
             self.stats["writes" if kind == "write" else "deletes"] += 1
             self.inflight += 1
@@ -529,10 +593,7 @@ class Primary:
         if hio.fua:
             self._flush(lambda err, _d: self._reply_fua(hio, err))
         if flush:
-            try:
-                self.flush_bitmap(user=True)
-            except OSError as exc:
-                log.error("Unable to write the activemap: %s.", exc.strerror)
+            self._clear_wanted.set()  # clear_loop writes it, together with others
 
     def _reply_fua(self, hio: Hio, flush_err: int) -> None:
         if not hio.remote_ok or self.link is None:
@@ -834,9 +895,22 @@ class Primary:
 
     # -- life cycle -----------------------------------------------------------------------------
 
+    def clear_loop(self) -> None:
+        """Write the bitmap when finished writes left bits to clear: at most once per
+        CLEAR_FLUSH_DELAY, off the reply path. A write-ahead flush meanwhile carries them too."""
+        while not self._stop.is_set():
+            self._clear_wanted.wait()
+            self._stop.wait(CLEAR_FLUSH_DELAY)
+            self._clear_wanted.clear()
+            try:
+                self.flush_bitmap(user=True)
+            except OSError as exc:
+                log.error("Unable to write the activemap: %s.", exc.strerror)
+
     def start_threads(self) -> None:
         threading.Thread(target=self.guard, name="guard", daemon=True).start()
         threading.Thread(target=self.sync_loop, name="sync", daemon=True).start()
+        threading.Thread(target=self.clear_loop, name="activemap-clear", daemon=True).start()
 
 
 def _stale_data_refusal(p: Primary, force: bool) -> str | None:
@@ -904,13 +978,24 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
 
 
 class NbdFrontend:
-    """The primary as the NBD server's AsyncBackend: NBD requests in, NBD errors out."""
+    """The primary as the NBD server's BatchBackend: NBD requests in, NBD errors out."""
 
     def __init__(self, p: Primary):
         self.p = p
         self.size = p.datasize
 
     def submit(self, request, done) -> None:
+        args = self._primary_args(request, done)
+        if args is not None:
+            self.p.submit(*args)
+
+    def submit_many(self, items) -> None:
+        args = [self._primary_args(request, done) for request, done in items]
+        self.p.submit_many([a for a in args if a is not None])
+
+    @staticmethod
+    def _primary_args(request, done) -> tuple | None:
+        """Primary.submit's arguments for an NBD request; None if it was answered here."""
         kind = request.kind
         Command = nbdcodec.Command
 
@@ -921,15 +1006,14 @@ class NbdFrontend:
                 done(error=0, data=data if data is not None else b"")
 
         if kind == Command.READ:
-            self.p.submit("read", request.offset, request.length, None, False, finish)
-        elif kind == Command.WRITE:
-            self.p.submit("write", request.offset, request.length, request.data, request.fua, finish)
-        elif kind in (Command.TRIM, Command.WRITE_ZEROES):
+            return ("read", request.offset, request.length, None, False, finish)
+        if kind == Command.WRITE:
+            return ("write", request.offset, request.length, request.data, request.fua, finish)
+        if kind in (Command.TRIM, Command.WRITE_ZEROES):
             # Both zero the range on both nodes (localio.discard guarantees zeros), so replicas
             # stay equal whatever the client asked to be deallocated.
-            self.p.submit("trim", request.offset, request.length, None, request.fua, finish)
-        elif kind == Command.FLUSH:
-            self.p.submit("flush", 0, 0, None, False, finish)
-        else:
-            done(error=nbdcodec.nbd_error(errno.EINVAL))
-
+            return ("trim", request.offset, request.length, None, request.fua, finish)
+        if kind == Command.FLUSH:
+            return ("flush", 0, 0, None, False, finish)
+        done(error=nbdcodec.nbd_error(errno.EINVAL))
+        return None

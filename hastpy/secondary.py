@@ -60,6 +60,10 @@ class Secondary:
         self.maxio = maxio
         self.channel = channel
         self._send_lock = threading.Lock()  # guards repsock: whole frames, never interleaved
+        # Reply frames of the receive thread's writes, not sent yet: they go out together, in
+        # one call, before the receive thread next waits for the primary (_send_held), so a run
+        # of requests received at once costs one send and one wake-up of the primary.
+        self._held: list = []
         self._inflight_cv = threading.Condition()  # guards _inflight (writes/deletes on the pool)
         self._inflight = 0
         self._queued = 0  # requests on the pool, for `queues: local`
@@ -84,12 +88,37 @@ class Secondary:
 
     # -- replies --------------------------------------------------------------------------------
 
-    def reply(self, seq: int, error: int = 0, received: bool = False, data: bytes | None = None) -> None:
+    def reply(self, seq: int, error: int = 0, received: bool = False, data: bytes | None = None, hold: bool = False) -> None:
+        """Send a reply; with hold (the receive thread only), at its next _send_held."""
         rep = msg.Reply(seq=seq, error=error, received=received)
         payload = None if error else data  # a failed request's reply carries no data
         bufs = pipeline.encode_io_frame(self.version, rep, msg.encode_reply_nv, payload, self.res.compression, self.res.checksum)
+        if hold:
+            self._held.extend(bufs)
+            return
         with self._send_lock:
             send_buffers(self.repsock, bufs)
+
+    def _send_held(self) -> None:
+        """The receive thread is about to wait for the primary, which may be waiting for these."""
+        if not self._held:
+            return
+        bufs, self._held = self._held, []
+        try:
+            with self._send_lock:
+                send_buffers(self.repsock, bufs)
+        except OSError as exc:
+            self._reply_failed(exc)
+
+    def _reply_failed(self, exc: OSError) -> None:
+        # Not sent, or only partly: the stream to the primary is unusable. Shut it down; the
+        # receive loop then ends the worker (disconnect), and the primary reconnects.
+        log.warning("Unable to send a reply to the primary: %s.", exc)
+        for sock in (self.reqsock, self.repsock):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # -- disk work (pool threads) ---------------------------------------------------------------
 
@@ -107,8 +136,8 @@ class Secondary:
             if req.cmd == msg.Cmd.DELETE:
                 self._done_inflight()
 
-    def _execute(self, req: msg.Request, data) -> None:
-        """Run one request on the local disk and send its final reply."""
+    def _execute(self, req: msg.Request, data, hold: bool = False) -> None:
+        """Run one request on the local disk and send (or hold, see reply) its final reply."""
         error, out = 0, None
         try:
             if req.cmd == msg.Cmd.READ:
@@ -126,16 +155,9 @@ class Secondary:
             self.stats[f"{kind}_errors"] += 1
             log.error("Local %s at offset %d failed: %s.", kind, req.offset, exc.strerror)
         try:
-            self.reply(req.seq, error, data=out)
+            self.reply(req.seq, error, data=out, hold=hold)
         except OSError as exc:
-            # Not sent, or only partly: the stream to the primary is unusable. Shut it down; the
-            # receive loop then ends the worker (disconnect), and the primary reconnects.
-            log.warning("Unable to send a reply to the primary: %s.", exc)
-            for sock in (self.reqsock, self.repsock):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._reply_failed(exc)
 
     def _test_hold(self) -> None:
         while self._hold is not None and _exists_at(*self._hold):
@@ -189,10 +211,10 @@ class Secondary:
                 return
             self.stats["writes"] += 1
             if req.memsync:
-                self.reply(req.seq, received=True)
+                self.reply(req.seq, received=True)  # at once: it must not wait for the disk
             # Written and answered here, on the receive thread, as hastd's single disk thread
             # would: a page-cache write is quicker than handing it to another thread and back.
-            self._execute(req, data)
+            self._execute(req, data, hold=True)
             return
         elif req.cmd == msg.Cmd.READ:
             self.stats["reads"] += 1
@@ -209,7 +231,7 @@ class Secondary:
         self.pool.submit(self._io, req, data)
 
     def serve(self) -> int:
-        stream = FrameStream(self.reqsock, self.version, self.maxio, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
+        stream = FrameStream(self.reqsock, self.version, self.maxio, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD, self._send_held)
         recv_timeout = self.res.timeout if self.version >= msg.PROTO_VERSION_MAXIO else HASTD_RECV_TIMEOUT
         set_timeout(self.reqsock, recv_timeout)
         try:

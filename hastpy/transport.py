@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 
-from hastpy.constants import DEFAULT_PORT
+from hastpy.constants import DEFAULT_PORT, MAX_IOV
 from hastpy.config import parse_tcp_address
 from hastpy.errors import NvError, RemoteProtocolError
 from hastpy.nv import NvLayout, NvList, NvType
@@ -27,12 +28,17 @@ from hastpy.proto.frame import (
 # proto_tcp.c: listeners get a backlog of 8; two connections per resource, few resources.
 LISTEN_BACKLOG = 8
 # FrameStream's buffer for frame headers and nv lists: room for the largest nv list (64 KiB)
-# and for a few thousand small replies per recv. Payloads bypass it (recv_into their own buffer).
+# and for a few thousand small replies per recv. Payloads above SMALL_PAYLOAD bypass it (recv_into
+# their own buffer).
 HEAD_BUFFER = 2 * MAX_NV_SIZE
 # FrameStream's read-ahead on a stream of frames that carry payloads: a request's header and nv
 # list (~100 bytes) fit many times over, and at most this much of a payload is copied through the
 # header buffer instead of being received in place.
 PAYLOAD_READ_AHEAD = 4096
+# ... except after a frame whose payload was at most this: small frames come in runs (random 4 KiB
+# writes), and one receive of the whole buffer then brings several of them, payloads included,
+# for one system call instead of two per frame.
+SMALL_PAYLOAD = 64 * 1024
 # Kernel socket buffers big enough for several MiB of requests in flight on a fast link.
 SOCKET_BUFFER = 4 * 1024 * 1024
 # TCP keepalive: a peer that vanished without FIN/RST is noticed in ~KEEPIDLE + KEEPINTVL*KEEPCNT.
@@ -132,7 +138,7 @@ def send_buffers(sock: socket.socket, buffers) -> None:
     bufs = [memoryview(b).cast("B") for b in buffers if len(b)]
     while bufs:
         try:
-            sent = sock.sendmsg(bufs)
+            sent = sock.sendmsg(bufs[:MAX_IOV])
         except BlockingIOError:
             raise TimeoutError("send timed out") from None
         while sent:
@@ -147,9 +153,10 @@ def send_buffers(sock: socket.socket, buffers) -> None:
 class FrameStream:
     """Blocking reads of whole frames from a socket. Owned by one reader thread.
 
-    Header and nv list come through a small buffer (many small frames per recv); a payload is
-    received straight into its own buffer with recv_into: one copy, from the kernel, with the
-    GIL released, instead of a recv into a temporary and a second copy under the GIL. The checks
+    Header and nv list come through a small buffer (many small frames per recv), and so do
+    payloads of at most SMALL_PAYLOAD; a larger payload is received straight into its own buffer
+    with recv_into: one copy, from the kernel, with the GIL released, instead of a recv into a
+    temporary and a second copy under the GIL. The checks
     and errors are FrameReader's (hastpy.proto.frame).
     """
 
@@ -160,18 +167,24 @@ class FrameStream:
         max_payload: int,
         layouts: tuple[NvLayout, ...] = (),
         read_ahead: int = HEAD_BUFFER,
+        on_wait: Callable[[], None] | None = None,
     ):
         """layouts: the fixed nv layouts this stream mostly carries (messages.REQUEST_LAYOUTS,
         REPLY_LAYOUTS), tried in order before the generic decoder; same result, less work.
         read_ahead: the most one receive for headers asks for. Bytes past the nv list that
         belong to a payload are copied out of the buffer; a stream of payload-carrying frames
         (the secondary's requests) uses PAYLOAD_READ_AHEAD so that almost all of a payload
-        arrives straight in its own buffer, a stream of small frames (replies) the whole buffer."""
+        arrives straight in its own buffer, a stream of small frames (replies) the whole buffer;
+        after a frame with at most SMALL_PAYLOAD bytes of payload the whole buffer either way.
+        on_wait: called before every receive from the socket, i.e. before this thread may wait
+        for the peer (a reader that holds back its own sends flushes them there)."""
         self._sock = sock
         self.max_version = max_version
         self.max_payload = max_payload
         self._layouts = layouts
         self._read_ahead = read_ahead
+        self._ahead = read_ahead  # for the next header: read_ahead, or all after a small frame
+        self._on_wait = on_wait
         self._buf = bytearray(HEAD_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # unconsumed bytes are _buf[_start:_end]
@@ -200,8 +213,11 @@ class FrameStream:
             raise RemoteProtocolError(f"bad nv header: {exc}") from exc
         if size > self.max_payload:
             raise RemoteProtocolError(f"payload of {size} bytes exceeds the limit {self.max_payload}")
+        self._ahead = HEAD_BUFFER if size <= SMALL_PAYLOAD else self._read_ahead
         if not size:
             return Frame(version, nv, memoryview(b""))
+        if size <= SMALL_PAYLOAD:  # through the buffer, with the frames behind it
+            return Frame(version, nv, memoryview(self._take(size)))
         payload = memoryview(bytearray(size))
         got = min(size, self._end - self._start)
         payload[:got] = self._view[self._start : self._start + got]
@@ -221,7 +237,7 @@ class FrameStream:
                 self._view[:left] = self._view[self._start : self._end]
                 self._start, self._end = 0, left
             while self._end < n:
-                limit = min(HEAD_BUFFER, self._start + max(n, self._read_ahead))
+                limit = min(HEAD_BUFFER, self._start + max(n, self._ahead))
                 got = self._recv_into(self._view[self._end : limit])
                 if not got:
                     raise ConnectionError("connection closed by peer")
@@ -231,6 +247,8 @@ class FrameStream:
         return out
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        if self._on_wait is not None:
+            self._on_wait()
         try:
             return self._sock.recv_into(view, 0, flags)
         except BlockingIOError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hastpy.errors import ProtocolError, RemoteProtocolError
@@ -172,6 +173,20 @@ class NBDClient:
         if kind != Command.DISC:
             self._pending[handle] = (kind, length)
         return handle
+
+    def submit_many(self, requests: Sequence[tuple[Command, int, bytes | memoryview]]) -> list[int]:
+        """Send WRITEs, each (kind, offset, data), in one vectored send, so that they reach the
+        server together; return their handles in order."""
+        handles, buffers = [], []
+        for kind, offset, data in requests:
+            handle = self._next_handle
+            self._next_handle += 1
+            buffers += [REQUEST_HEADER.pack(REQUEST_MAGIC, 0, kind, handle, offset, len(data)), data]
+            handles.append(handle)
+        sendall_vectored(self._sock, buffers)
+        for handle, (kind, _, data) in zip(handles, requests):
+            self._pending[handle] = (kind, len(data))
+        return handles
 
     def next_reply(self) -> Reply:
         """Receive whichever reply comes next."""

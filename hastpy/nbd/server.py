@@ -1,8 +1,9 @@
 """Serve one NBD export over connected sockets: the I/O half of `hastpy.nbd`.
 
 `ExportConnection` drives a `codec.ServerConnection` over one socket. Its receive loop runs the
-handshake, then turns every request into a call `backend.submit(request, done)` and goes straight
-back to reading: many requests can be in flight, and each reply is sent by whichever thread calls
+handshake, then turns every request into a call `backend.submit(request, done)` (or the requests
+one receive brought in into one `backend.submit_many`, see BatchBackend) and goes straight back
+to reading: many requests can be in flight, and each reply is sent by whichever thread calls
 `done`, in completion order (NBD matches replies to requests by handle). This is the shape of
 hastd's ggate_recv -> ... -> ggate_send pipeline (reference/style.md §1), and the primary worker
 plugs its pipeline in as an `AsyncBackend`. Plain blocking backends (a file, a disk) are wrapped
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from hastpy.constants import MAX_IOV
 from hastpy.errors import LocalProtocolError, RemoteProtocolError
 from hastpy.nbd.codec import (
     DEFAULT_MAX_BLOCK_SIZE,
@@ -63,9 +65,15 @@ Buffer = bytes | bytearray | memoryview
 # --- Limits, each with its reason ---------------------------------------------------------------
 
 # The buffer for everything but WRITE payloads (handshake messages, request headers, skipped
-# payloads): the codec's receive_limit() never asks for more than an option (16 KiB + header),
-# and request headers are received one at a time so that no payload byte passes through it.
+# payloads, and small requests read ahead with their payloads): the codec's receive_limit() never
+# asks for more than an option (16 KiB + header), and after a large WRITE request headers are
+# received one at a time so that none of its payload bytes pass through it.
 RECV_BUFFER_SIZE = 64 * 1024
+# After a request whose payload is at most this, the next receive takes whatever the client has
+# sent, up to RECV_BUFFER_SIZE: a queue of small requests then costs one receive for several of
+# them, and they reach the backend together (AsyncBackend.submit_many). After a larger WRITE, only
+# the next header is received, so that a large payload lands in its own buffer without a copy.
+READ_AHEAD_MAX_PAYLOAD = 64 * 1024
 # Requests in flight per connection. hastd keeps HAST_HIO_MAX (160) requests in its pipeline and
 # we must not be a narrower pipe than it; the kernel client queues at most 128 per connection, so
 # it is never throttled by us, while a misbehaving client cannot make us hold unbounded work.
@@ -122,6 +130,15 @@ class AsyncBackend(Protocol):
     size: int
 
     def submit(self, request: Request, done: DoneCallback) -> None: ...
+
+
+@runtime_checkable
+class BatchBackend(AsyncBackend, Protocol):
+    """An AsyncBackend that also takes several requests at once, in arrival order: the requests
+    one receive brought in. It may share work among them (one metadata write for all), and must
+    treat each as `submit` would."""
+
+    def submit_many(self, items: Sequence[tuple[Request, DoneCallback]]) -> None: ...
 
 
 def execute(backend: Backend, request: Request) -> bytes:
@@ -321,6 +338,15 @@ class InFlightWindow:
             self.requests += 1
             self.bytes += nbytes
 
+    def try_acquire(self, nbytes: int) -> bool:
+        """acquire() if the request fits now; False, and nothing taken, if it would wait."""
+        with self._cond:
+            if not self._fits(nbytes):
+                return False
+            self.requests += 1
+            self.bytes += nbytes
+            return True
+
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.requests -= 1
@@ -341,7 +367,7 @@ def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every buffer in order with sendmsg, without joining them into one big copy."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     while views:
-        sent = sock.sendmsg(views)
+        sent = sock.sendmsg(views[:MAX_IOV])
         while views and sent >= len(views[0]):
             sent -= len(views.pop(0))
         if sent:
@@ -395,6 +421,7 @@ class ExportConnection:
         else:
             self._adapter = BlockingAdapter(backend, workers)
             self._backend = self._adapter
+        self._batch = isinstance(self._backend, BatchBackend)
         self._window = InFlightWindow(max_in_flight, max_in_flight_bytes)
         self._send_lock = threading.Lock()  # guards socket sends and _broken
         self._broken = False  # a send failed: later replies are dropped
@@ -429,14 +456,22 @@ class ExportConnection:
         )
         self._send([codec.greeting()])
         view = memoryview(bytearray(RECV_BUFFER_SIZE))
+        read_ahead = 0
+        batch: list[Request] = []  # requests decoded from what is already received
         while True:
             event = codec.next_event()
+            if type(event) is Request and event.kind != Command.DISC:
+                batch.append(event)
+                small = event.kind != Command.WRITE or event.length <= READ_AHEAD_MAX_PAYLOAD
+                read_ahead = RECV_BUFFER_SIZE if small else 0
+                continue
+            if batch:  # before waiting for more bytes, or acting on anything else
+                self._dispatch(batch)
+                batch = []
             if event is NEED_DATA:
-                self._receive(codec, view)
-            elif type(event) is Request:
-                if event.kind == Command.DISC:
-                    return
-                self._dispatch(event)
+                self._receive(codec, view, read_ahead)
+            elif type(event) is Request:  # DISC
+                return
             elif isinstance(event, RequestError):
                 log.debug("nbd: refusing request %#x: %s", event.handle, event.reason)
                 self._send([encode_reply_header(event.handle, event.error)])
@@ -452,14 +487,14 @@ class ExportConnection:
                 assert isinstance(event, ConnectionClosed)
                 return
 
-    def _receive(self, codec: ServerConnection, view: memoryview) -> None:
+    def _receive(self, codec: ServerConnection, view: memoryview, read_ahead: int) -> None:
         """Receive what the codec needs next. A WRITE payload is received straight into a
         `bytes` of its own (allocated by recv, not zero-filled; MSG_WAITALL: the whole payload in
         one call, with the GIL released) that becomes the request's data without another copy.
         Memory stays bounded as before: a payload lives as long as its request, so at most the
         window's requests plus the one being received (<= max_block_size, checked by the codec
         before anything is allocated) hold payload bytes. Everything else goes through `view`,
-        at most what the codec says it can use."""
+        at most what the codec says it can use, with `read_ahead` (see READ_AHEAD_MAX_PAYLOAD)."""
         wanted = codec.payload_wanted()
         if wanted:
             data = self._sock.recv(wanted, socket.MSG_WAITALL)
@@ -468,20 +503,41 @@ class ExportConnection:
             else:
                 codec.receive_data(b"")  # EOF in the middle of a payload: the codec reports it
             return
-        n = self._sock.recv_into(view, min(codec.receive_limit(), len(view)))
+        n = self._sock.recv_into(view, min(codec.receive_limit(read_ahead), len(view)))
         codec.receive_data(view[:n])
 
-    def _dispatch(self, request: Request) -> None:
-        """Hand a request to the backend; blocks while the window is full (backpressure)."""
-        cost = request.reply_size
-        self._window.acquire(cost)
-        done = _Completion(self, request, cost)
+    def _dispatch(self, batch: list[Request]) -> None:
+        """Hand requests to the backend; blocks while the window is full (backpressure). The
+        requests admitted so far are submitted before waiting: they may be what frees the
+        window."""
+        admitted: list[tuple[Request, _Completion]] = []
+        for request in batch:
+            cost = request.reply_size
+            if not self._window.try_acquire(cost):
+                self._submit(admitted)
+                admitted = []
+                self._window.acquire(cost)
+            admitted.append((request, _Completion(self, request, cost)))
+        self._submit(admitted)
+
+    def _submit(self, items: list[tuple[Request, _Completion]]) -> None:
+        if self._batch and len(items) > 1:
+            self._guarded(self._backend.submit_many, items)  # type: ignore[attr-defined]
+        else:
+            for item in items:
+                self._guarded(self._backend.submit, *item)
+
+    @staticmethod
+    def _guarded(submit: Callable[..., None], *args) -> None:
+        """Call the backend; a request it raised on (and did not complete) fails with EIO."""
         try:
-            self._backend.submit(request, done)
+            submit(*args)
         except Exception:  # noqa: BLE001 - a backend bug must not kill the connection silently
-            log.exception("nbd: backend refused %s", request.kind.name)
-            if not done.completed:
-                done(NBD_EIO)
+            items = args[0] if len(args) == 1 else [args]
+            log.exception("nbd: backend refused %s", ", ".join(r.kind.name for r, _ in items))
+            for _, done in items:
+                if not done.completed:
+                    done(NBD_EIO)
 
     def _finish(self) -> None:
         """NBD_CMD_DISC and a clean shutdown both require finishing what is in flight first."""

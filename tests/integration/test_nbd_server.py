@@ -417,6 +417,114 @@ def test_qemu_img_convert_and_compare(server, sock_path, tmp_path):
 # --- failure paths ---------------------------------------------------------------------------------
 
 
+class BatchRecorder(HeldBackend):
+    """A BatchBackend that records how requests arrived; the first submit waits for `go`, so
+    that what the client sends meanwhile piles up in the socket."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[list[int]] = []  # handles per call, in call order
+        self.go = threading.Event()
+
+    def submit(self, request, done):
+        if not self.calls:
+            self.calls.append([request.handle])
+            assert self.go.wait(TIMEOUT)
+        else:
+            self.calls.append([request.handle])
+        super().submit(request, done)
+
+    def submit_many(self, items):
+        self.calls.append([r.handle for r, _ in items])
+        for item in items:
+            super().submit(*item)
+
+
+def test_small_requests_received_together_reach_the_backend_together(sock_path):
+    rec = BatchRecorder()
+    with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
+        first = client.submit(Command.WRITE, 0, data=os.urandom(4096))
+        rec.wait_for(0)
+        wait_until(lambda: rec.calls)
+        handles = [client.submit(Command.WRITE, (i + 1) * 4096, data=os.urandom(4096)) for i in range(10)]
+        handles.append(client.submit(Command.FLUSH))
+        time.sleep(0.2)  # all of it is in the socket before the receive loop reads again
+        rec.go.set()
+        rec.wait_for(12)
+        assert rec.calls == [[first], handles]  # one receive, one call, in arrival order
+        for _ in range(12):
+            rec.complete(0)
+        assert all(client.reply(h).error == 0 for h in [first, *handles])
+
+
+def test_large_writes_are_not_read_ahead(sock_path):
+    """After a WRITE above READ_AHEAD_MAX_PAYLOAD the next receive takes only a header, so
+    requests queued behind it reach the backend one by one."""
+    rec = BatchRecorder()
+    rec.go.set()  # the client could not queue 1 MiB behind a stalled receive loop anyway
+    big = 256 * 1024
+    with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
+        handles = [client.submit(Command.WRITE, i * big, data=os.urandom(big)) for i in range(4)]
+        rec.wait_for(4)
+        assert rec.calls == [[h] for h in handles]
+        for _ in range(4):
+            rec.complete(0)
+        assert all(client.reply(h).error == 0 for h in handles)
+
+
+def test_a_full_window_splits_a_batch_without_deadlock(sock_path):
+    """Ten requests arrive together into a window of four, one of them already taken: the
+    admitted ones are submitted before the receive loop waits for room."""
+    rec = BatchRecorder()
+    with serve_unix(sock_path, lambda: rec, max_in_flight=4), connect(sock_path, "") as client:
+        handles = [client.submit(Command.FLUSH)]
+        wait_until(lambda: rec.calls)
+        handles += [client.submit(Command.FLUSH) for _ in range(9)]
+        time.sleep(0.2)
+        rec.go.set()
+        rec.wait_for(4)
+        time.sleep(0.1)
+        assert len(rec.held) == 4
+        assert rec.calls[:2] == [handles[:1], handles[1:4]]
+        for _ in range(10):
+            rec.wait_for(1)
+            rec.complete(0)
+        assert all(client.reply(h).error == 0 for h in handles)
+        assert sum(len(c) for c in rec.calls) == 10
+
+
+def test_window_try_acquire():
+    window = InFlightWindow(max_requests=2, max_bytes=1000)
+    assert window.try_acquire(5000)  # an empty window admits any single request
+    assert not window.try_acquire(1)  # over the byte budget: nothing taken
+    assert (window.requests, window.bytes) == (1, 5000)
+    window.release(5000)
+    assert window.try_acquire(600) and not window.try_acquire(600) and window.try_acquire(400)
+    assert not window.try_acquire(0)  # two requests: the count is full
+    window.release(600)
+    window.release(400)
+    assert window.wait_empty(0)
+
+
+def test_submit_many_raising_fails_every_request_of_the_call(sock_path):
+    class Raising(BatchRecorder):
+        def submit_many(self, items):
+            items[0][1](0)  # one completed before the bug: it keeps its reply
+            raise RuntimeError("backend bug")
+
+    rec = Raising()
+    with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
+        first = client.submit(Command.FLUSH)
+        wait_until(lambda: rec.calls)
+        handles = [client.submit(Command.FLUSH) for _ in range(3)]
+        time.sleep(0.2)
+        rec.go.set()
+        rec.wait_for(1)
+        rec.complete(0)
+        assert client.reply(first).error == 0
+        assert [client.reply(h).error for h in handles] == [0, errno.EIO, errno.EIO]
+
+
 def test_submit_raising_becomes_eio(sock_path):
     class Raising:
         size = SIZE

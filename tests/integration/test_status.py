@@ -15,6 +15,7 @@ import re
 import pytest
 
 from harness import MiB, sha, wait_for
+from hastpy.nbd import Command
 
 pytestmark = pytest.mark.integration
 
@@ -174,3 +175,25 @@ def test_status_of_several_resources_and_unknown_names(make_pair):
     cp = pair.a.hastctl("status", "nosuch", check=False)
     assert cp.returncode != 0
     assert "nosuch" in cp.stderr
+
+
+def test_writes_received_together_share_a_bitmap_write(make_pair):
+    """Group commit: writes to 32 extents none of which is marked (keepdirty 4, strides of 2,
+    so no pre-marking), sent without waiting for replies, reach the primary a few receives at a
+    time, and each run of them costs one bitmap write, not one each as when they come one by
+    one (test_activemap_updates_track_writes_beyond_keepdirty)."""
+    pair = make_pair(size=128 * MiB, create_args=["-k", "4"]).start()
+    ext = pair.a.status()["extentsize"]
+    c = pair.a.client()
+    nwrites = 32
+    blocks = {2 * i * ext + 8192: os.urandom(4096) for i in range(nwrites)}
+    handles = c.submit_many([(Command.WRITE, off, data) for off, data in blocks.items()])
+    assert all(c.reply(h).error == 0 for h in handles)
+    for off, data in blocks.items():
+        assert c.pread(off, 4096) == data
+    c.disconnect()
+    st = pair.a.status()["statistics"]
+    assert st["writes"] == nwrites
+    assert 1 <= st["activemap_updates"] <= nwrites // 2
+    wait_for(lambda: pair.b.status()["statistics"]["writes"] == nwrites)
+    assert sha(pair.a.data()) == sha(pair.b.data())

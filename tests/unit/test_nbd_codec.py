@@ -770,6 +770,26 @@ def test_receive_limit_by_state():
     assert conn.next_event() is NEED_DATA
     assert conn.payload_wanted() == 0
     assert conn.receive_limit() == 4096  # the refused payload, skipped without buffering
+    assert conn.receive_limit(65536) == 4096  # read-ahead never widens a skip
+
+
+def test_receive_limit_read_ahead_between_requests():
+    """With read_ahead the edge may take several small requests, payloads included, at once;
+    the codec decodes them all from its buffer."""
+    conn = transmitting()
+    assert conn.receive_limit(65536) == 65536
+    conn.receive_data(request(Command.READ, 1, 0, 512)[:10])
+    assert conn.next_event() is NEED_DATA
+    assert conn.receive_limit(65536) == 65536  # more than the rest of this header: allowed
+    assert conn.receive_limit(4) == 18  # never less than the rest of the header
+    assert new_conn().receive_limit(65536) == 16 + codec.MAX_OPTION_LENGTH  # not in handshake
+    conn = transmitting()
+    writes = [(i, bytes([i]) * 4096) for i in range(1, 6)]
+    conn.receive_data(b"".join(request(Command.WRITE, h, h * 4096, data=p) for h, p in writes))
+    for h, p in writes:
+        event = conn.next_event()
+        assert (event.kind, event.handle, bytes(event.data)) == (Command.WRITE, h, p)
+    assert conn.next_event() is NEED_DATA
 
 
 @settings(max_examples=200, deadline=None)
