@@ -370,6 +370,7 @@ def main(argv=None) -> int:
                     f.write(os.urandom(MiB))
             src.read_bytes()  # into the page cache, so that dd measures the device, not the disk
         print(f"devwrite: {size // MiB} MiB devices, {args.mib} MiB written over, {args.runs} runs, in {root}", flush=True)
+        print(f"  hastpy from {pair.hastpy_source()}", flush=True)
         for t in targets:
             pids = ", ".join(f"{k} {v}" for k, v in t.pids().items())
             print(f"  {t.name:6s} {t.device}: {pids}", flush=True)

@@ -117,15 +117,22 @@ class HastPair:
         cmd = [str(BIN / "hastctl"), args[0], "-c", str(self.root / node / "hast.conf"), "-n", f"node-{node}", *args[1:]]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
+    def hastpy_source(self) -> str:
+        """Where the workers import hastpy from (the same interpreter, directory and environment)."""
+        cmd = [str(BIN / "python"), "-c", "import hastpy; print(hastpy.__file__)"]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=self.root / "a").stdout.strip()
+
     def status(self, node: str) -> dict:
         return control.call(str(self.root / node / "ctl"), {"cmd": "status", "resources": ["data"]})["resources"][0]
 
     def start(self) -> None:
         for node in ("a", "b"):
             log = open(self.root / node / "hastd.log", "ab")
+            # cwd: workers run `python -m hastpy.worker`, which imports from its working directory
+            # first; outside the checkout, PYTHONPATH decides which hastpy an A/B run measures.
             self.procs[node] = subprocess.Popen(
                 [str(BIN / "hastd"), "-F", "-c", str(self.root / node / "hast.conf"), "-n", f"node-{node}"],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.root / node,
             )  # fmt: skip
             wait_for(lambda node=node: (self.root / node / "ctl").exists(), what="control socket")
         self.hastctl("b", "role", "secondary", "data")
@@ -228,7 +235,7 @@ def main() -> int:
         print(f"seqwrite: {args.mib} MiB per run, {args.runs} runs each, {args.replication}, metaflush {args.metaflush}, provider "
               f"{args.provider // MiB} MiB x 2 in {root}", flush=True)  # fmt: skip
         print(f"  hastd pids: node-a {pair.procs['a'].pid}, node-b {pair.procs['b'].pid}; workers: primary "
-              f"{pair.worker_pid('a')}, secondary {pair.worker_pid('b')}", flush=True)  # fmt: skip
+              f"{pair.worker_pid('a')}, secondary {pair.worker_pid('b')}; hastpy from {pair.hastpy_source()}", flush=True)  # fmt: skip
         clients = [c.strip() for c in args.clients.split(",") if c.strip()]
         # Whose CPU time a run of each target costs: both hastd workers, or nbdkit.
         pids = {"hast": [pair.worker_pid("a"), pair.worker_pid("b")], "nbdkit": [kit.proc.pid] if kit else []}

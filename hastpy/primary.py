@@ -115,24 +115,41 @@ class Link:
         thread that nothing on the reply path waits for may do that: never the receive thread.
         A failed inline send closes the link, which fails every pending request, this one too.
         """
+        if inline:
+            self.submit_many([(cmd, offset, length, data, memsync, callback)])
+            return
         seq = next(self._seq)
         with self._lock:
             if self.closed:
                 callback(errno.ENOTCONN, False, None)
                 return
             self.pending[seq] = callback
-        req = msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync)
-        if not inline:
-            self.sendq.put((req, data))
-            return
+        self.sendq.put((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
+
+    def submit_many(self, requests: list[tuple]) -> None:
+        """submit(..., inline=True) for each (cmd, offset, length, data, memsync, callback), all
+        the frames sent with one call."""
+        frames = []
+        with self._lock:
+            if self.closed:
+                for *_, callback in requests:
+                    callback(errno.ENOTCONN, False, None)
+                return
+            for cmd, offset, length, data, memsync, callback in requests:
+                seq = next(self._seq)
+                self.pending[seq] = callback
+                frames.append((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
         try:
-            self._send(req, data)
+            self._send(*frames)
         except (OSError, ProtocolError) as exc:
             self.close(f"send failed: {exc}")
 
-    def _send(self, req: msg.Request, data) -> None:
+    def _send(self, *frames: tuple[msg.Request, object]) -> None:
+        """Send frames, each (request, payload), in one call."""
         res = self.p.res
-        bufs = pipeline.encode_io_frame(self.version, req, msg.encode_request_nv, data, res.compression, res.checksum)
+        bufs = []
+        for req, data in frames:
+            bufs += pipeline.encode_io_frame(self.version, req, msg.encode_request_nv, data, res.compression, res.checksum)
         with self._send_lock:
             send_buffers(self.out, bufs)
             self.last_send = time.monotonic()
@@ -181,12 +198,21 @@ class Link:
                     continue
                 if item is None:
                     return
-                self._send(*item)
+                self._send(item)
         except (OSError, ProtocolError) as exc:
             self.close(f"send failed: {exc}")
 
     def _recv_loop(self) -> None:
-        stream = FrameStream(self.inn, self.version, self.maxio, msg.REPLY_LAYOUTS)
+        # NBD replies completed here are held and sent together before this thread next waits
+        # (the secondary's replies come several per receive when writes come in runs).
+        nbdserver.hold_replies()
+        try:
+            self._receive_replies()
+        finally:
+            nbdserver.send_held_replies()
+
+    def _receive_replies(self) -> None:
+        stream = FrameStream(self.inn, self.version, self.maxio, msg.REPLY_LAYOUTS, on_wait=nbdserver.send_held_replies)
         try:
             while not self.closed:
                 try:
@@ -411,7 +437,7 @@ class Primary:
         with self._am_lock:
             needs_flush = self.am.write_start(offset, length)
         if self._marked([hio], needs_flush):
-            self._dispatch_write(hio)
+            self._dispatch_writes([hio])
 
     def _write_group(self, requests: list[tuple]) -> None:
         """_write for each request, with one bitmap write for all: each takes its range lock
@@ -437,8 +463,7 @@ class Primary:
         else:
             i = len(requests)
         if self._marked(group, needs_flush):
-            for hio in group:
-                self._dispatch_write(hio)
+            self._dispatch_writes(group)
         for req in requests[i:]:
             self._write(*req)
 
@@ -460,35 +485,41 @@ class Primary:
             hio.done(errno.EIO, None)
         return False
 
-    def _dispatch_write(self, hio: Hio) -> None:
-        """Send a write, whose activemap bits are on disk, to both disks."""
-        kind, offset, length, data, fua = hio.kind, hio.offset, hio.length, hio.data, hio.fua
-        with self._stats_lock:
-            self.stats["writes" if kind == "write" else "deletes"] += 1
-            self.inflight += 1
+    def _dispatch_writes(self, hios: list[Hio]) -> None:
+        """Send writes, whose activemap bits are on disk, to both disks: the remote requests of
+        all of them with one send, then the local writes.
+
+        A plain write goes to the local disk from this thread, after its remote half is on its
+        way, so the two overlap: a page-cache write takes less than a thread hand-off. A trim
+        (BLKZEROOUT can take long) and an FUA write (an fdatasync) go to the pool."""
         link = self.link
-        chunks = self._remote_chunks(offset, length, link) if link else []
-        # Without a link the remote half is one part that fails at once (and marks the range).
-        hio.remote_total = len(chunks) if link else 1
-        hio.parts = 1 + hio.remote_total
-        # A plain write goes to the local disk from this thread, after its remote half is on its
-        # way, so the two overlap: a page-cache write takes less than a thread hand-off. A trim
-        # (BLKZEROOUT can take long) and an FUA write (an fdatasync) go to the pool.
-        inline_local = kind == "write" and not fua
-        if not inline_local:
-            self.pool.submit(self._local_write, hio)
-        if not link:
-            self._remote_part_done(hio, errno.ENOTCONN)
-        else:
-            cmd = msg.Cmd.WRITE if kind == "write" else msg.Cmd.DELETE
-            memsync = self.mode == "memsync" and link.version >= 2 and kind == "write"
+        remote: list[tuple] = []
+        for hio in hios:
+            with self._stats_lock:
+                self.stats["writes" if hio.kind == "write" else "deletes"] += 1
+                self.inflight += 1
+            chunks = self._remote_chunks(hio.offset, hio.length, link) if link else []
+            # Without a link the remote half is one part that fails at once (and marks the range).
+            hio.remote_total = len(chunks) if link else 1
+            hio.parts = 1 + hio.remote_total
+            if hio.kind != "write" or hio.fua:
+                self.pool.submit(self._local_write, hio)
+            if not link:
+                self._remote_part_done(hio, errno.ENOTCONN)
+                continue
+            cmd = msg.Cmd.WRITE if hio.kind == "write" else msg.Cmd.DELETE
+            memsync = self.mode == "memsync" and link.version >= 2 and hio.kind == "write"
             for off, ln in chunks:
                 payload = None
-                if kind == "write":
-                    payload = memoryview(data)[off - offset : off - offset + ln]
-                link.submit(cmd, off, ln, payload, memsync, self._remote_callback(hio), inline=True)
-        if inline_local:
-            self._local_write(hio)
+                if hio.kind == "write":
+                    payload = memoryview(hio.data)[off - hio.offset : off - hio.offset + ln]
+                # One callback per chunk: each tracks whether its own memsync "received" came.
+                remote.append((cmd, off, ln, payload, memsync, self._remote_callback(hio)))
+        if remote:
+            link.submit_many(remote)
+        for hio in hios:
+            if hio.kind == "write" and not hio.fua:
+                self._local_write(hio)
 
     @staticmethod
     def _remote_chunks(offset: int, length: int, link: Link) -> list[tuple[int, int]]:

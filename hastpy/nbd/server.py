@@ -374,8 +374,32 @@ def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
             views[0] = views[0][sent:]
 
 
+_held = threading.local()  # .replies: {connection: [(buffers, cost)]} of a thread holding replies
+
+
+def hold_replies() -> None:
+    """Replies completed on this thread from now on wait for send_held_replies(), which sends
+    each connection's in one call. For a thread that completes requests in runs (the primary's
+    reply thread, which receives the secondary's replies several at a time): one send and one
+    wake-up of the client per run instead of per request. The thread must call
+    send_held_replies() before it waits for anything; each request keeps its window slot until
+    its reply is sent."""
+    _held.replies = {}
+
+
+def send_held_replies() -> None:
+    """Send the replies this thread holds (see hold_replies); nothing if it holds none."""
+    replies = getattr(_held, "replies", None)
+    if not replies:
+        return
+    _held.replies = {}
+    for conn, items in replies.items():
+        conn._send_replies(items)  # noqa: SLF001 - our own helper
+
+
 class _Completion:
-    """The `done` callback for one request: sends its reply, then frees its window slot."""
+    """The `done` callback for one request: sends its reply (or holds it, see hold_replies),
+    then frees its window slot."""
 
     __slots__ = ("_conn", "_request", "_cost", "_once")
 
@@ -388,10 +412,7 @@ class _Completion:
     def __call__(self, error: int = 0, data: Buffer | None = b"") -> None:
         if not self._once.acquire(blocking=False):
             raise LocalProtocolError(f"request {self._request.handle:#x} completed twice")
-        try:
-            self._conn._send_reply(self._request, error, data)  # noqa: SLF001 - our own helper
-        finally:
-            self._conn._window.release(self._cost)  # noqa: SLF001
+        self._conn._reply(self._request, error, data, self._cost)  # noqa: SLF001 - our own helper
 
     @property
     def completed(self) -> bool:
@@ -553,7 +574,21 @@ class ExportConnection:
         with self._send_lock:
             sendall_vectored(self._sock, buffers)
 
-    def _send_reply(self, request: Request, error: int, data: Buffer | None) -> None:
+    def _reply(self, request: Request, error: int, data: Buffer | None, cost: int) -> None:
+        """Send a request's reply, or hold it for send_held_replies(); then (once sent) free
+        its window slot."""
+        try:
+            buffers = self._reply_buffers(request, error, data)
+        except BaseException:
+            self._window.release(cost)
+            raise
+        held = getattr(_held, "replies", None)
+        if held is not None:
+            held.setdefault(self, []).append((buffers, cost))
+        else:
+            self._send_replies([(buffers, cost)])
+
+    def _reply_buffers(self, request: Request, error: int, data: Buffer | None) -> list[Buffer]:
         error = nbd_error(error) if error else 0
         if request.kind != Command.READ or error:
             data = b""
@@ -563,19 +598,27 @@ class ExportConnection:
             log.error("nbd: backend returned %d bytes for a %d-byte read", got, request.length)
             error, data = NBD_EIO, b""
         header = encode_reply_header(request.handle, error)
-        with self._send_lock:
-            if self._broken:
-                return
-            try:
-                if data:
-                    sendall_vectored(self._sock, [header, data])
-                else:
-                    self._sock.sendall(header)
-            except OSError as exc:
-                # The client is gone: drop later replies and make the receive loop see EOF.
-                log.info("nbd: reply to %#x not sent: %s", request.handle, exc)
-                self._broken = True
-                self.stop()
+        return [header, data] if data else [header]
+
+    def _send_replies(self, items: list[tuple[list[Buffer], int]]) -> None:
+        """Send replies (their buffers, and window cost) in one call, then free their slots."""
+        try:
+            with self._send_lock:
+                if self._broken:
+                    return
+                try:
+                    if len(items) == 1 and len(items[0][0]) == 1:
+                        self._sock.sendall(items[0][0][0])
+                    else:
+                        sendall_vectored(self._sock, [b for buffers, _ in items for b in buffers])
+                except OSError as exc:
+                    # The client is gone: drop later replies and make the receive loop see EOF.
+                    log.info("nbd: %d replies not sent: %s", len(items), exc)
+                    self._broken = True
+                    self.stop()
+        finally:
+            for _, cost in items:
+                self._window.release(cost)
 
 
 def serve_connection(

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import socket
 import struct
@@ -17,7 +18,7 @@ import pytest
 from hastpy.errors import LocalProtocolError, RemoteProtocolError
 from hastpy.nbd import Command, ExportConfig, FileBackend, Request, serve_unix
 from hastpy.nbd.client import NBDClient, OptionRefused
-from hastpy.nbd.server import InFlightWindow, UnixServer
+from hastpy.nbd.server import InFlightWindow, UnixServer, hold_replies, send_held_replies
 
 pytestmark = pytest.mark.integration
 
@@ -523,6 +524,38 @@ def test_submit_many_raising_fails_every_request_of_the_call(sock_path):
         rec.complete(0)
         assert client.reply(first).error == 0
         assert [client.reply(h).error for h in handles] == [0, errno.EIO, errno.EIO]
+
+
+def test_held_replies_wait_for_send_held_replies(sock_path):
+    """A thread that holds replies (the primary's reply thread) sends them when it says so,
+    together; their window slots stay taken until then."""
+    held = HeldBackend()
+    with serve_unix(sock_path, lambda: held, max_in_flight=3), connect(sock_path, "") as client:
+        handles = [client.submit(Command.FLUSH) for _ in range(4)]
+        held.wait_for(3)  # the window is full: the fourth waits
+        completed, go = threading.Event(), threading.Event()
+
+        def completer():
+            hold_replies()
+            for _ in range(3):
+                held.complete(0)
+            completed.set()
+            go.wait(TIMEOUT)
+            send_held_replies()
+            send_held_replies()  # nothing left: a no-op
+
+        t = threading.Thread(target=completer, daemon=True)
+        t.start()
+        assert completed.wait(TIMEOUT)
+        readable, _, _ = select.select([client._sock], [], [], 0.3)  # noqa: SLF001
+        assert not readable  # nothing sent yet
+        assert len(held.held) == 0  # and the fourth not admitted: the slots are still taken
+        go.set()
+        t.join(TIMEOUT)
+        assert [client.reply(h).error for h in handles[:3]] == [0, 0, 0]
+        held.wait_for(1)
+        held.complete(0)
+        assert client.reply(handles[3]).error == 0
 
 
 def test_submit_raising_becomes_eio(sock_path):
