@@ -69,10 +69,12 @@ Buffer = bytes | bytearray | memoryview
 # asks for more than an option (16 KiB + header), and after a large WRITE request headers are
 # received one at a time so that none of its payload bytes pass through it.
 RECV_BUFFER_SIZE = 64 * 1024
-# After a request whose payload is at most this, the next receive takes whatever the client has
+# After a WRITE whose payload is at most this, the next receive takes whatever the client has
 # sent, up to RECV_BUFFER_SIZE: a queue of small requests then costs one receive for several of
-# them, and they reach the backend together (AsyncBackend.submit_many). After a larger WRITE, only
-# the next header is received, so that a large payload lands in its own buffer without a copy.
+# them, and they reach the backend together (BatchBackend.submit_many). After a larger WRITE, only
+# the next header is received, so that a large payload lands in its own buffer without a copy (a
+# payload partly read ahead costs a second copy of the rest). Requests without a payload (FLUSH,
+# which a filesystem sends between large writes) leave the choice as it was.
 READ_AHEAD_MAX_PAYLOAD = 64 * 1024
 # Requests in flight per connection. hastd keeps HAST_HIO_MAX (160) requests in its pipeline and
 # we must not be a narrower pipe than it; the kernel client queues at most 128 per connection, so
@@ -363,6 +365,13 @@ class InFlightWindow:
         return self.requests < self.max_requests and self.bytes + nbytes <= self.max_bytes
 
 
+def next_read_ahead(current: int, request: Request) -> int:
+    """How much to read ahead after `request` (see READ_AHEAD_MAX_PAYLOAD)."""
+    if request.kind != Command.WRITE:
+        return current
+    return RECV_BUFFER_SIZE if request.length <= READ_AHEAD_MAX_PAYLOAD else 0
+
+
 def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every buffer in order with sendmsg, without joining them into one big copy."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -483,8 +492,7 @@ class ExportConnection:
             event = codec.next_event()
             if type(event) is Request and event.kind != Command.DISC:
                 batch.append(event)
-                small = event.kind != Command.WRITE or event.length <= READ_AHEAD_MAX_PAYLOAD
-                read_ahead = RECV_BUFFER_SIZE if small else 0
+                read_ahead = next_read_ahead(read_ahead, event)
                 continue
             if batch:  # before waiting for more bytes, or acting on anything else
                 self._dispatch(batch)

@@ -18,7 +18,15 @@ import pytest
 from hastpy.errors import LocalProtocolError, RemoteProtocolError
 from hastpy.nbd import Command, ExportConfig, FileBackend, Request, serve_unix
 from hastpy.nbd.client import NBDClient, OptionRefused
-from hastpy.nbd.server import InFlightWindow, UnixServer, hold_replies, send_held_replies
+from hastpy.nbd.server import (
+    READ_AHEAD_MAX_PAYLOAD,
+    RECV_BUFFER_SIZE,
+    InFlightWindow,
+    UnixServer,
+    hold_replies,
+    next_read_ahead,
+    send_held_replies,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -460,25 +468,29 @@ def test_small_requests_received_together_reach_the_backend_together(sock_path):
 
 def test_large_writes_are_not_read_ahead(sock_path):
     """After a WRITE above READ_AHEAD_MAX_PAYLOAD the next receive takes only a header, so
-    requests queued behind it reach the backend one by one."""
+    requests queued behind it reach the backend one by one, FLUSHes in between too."""
     rec = BatchRecorder()
     rec.go.set()  # the client could not queue 1 MiB behind a stalled receive loop anyway
     big = 256 * 1024
     with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
-        handles = [client.submit(Command.WRITE, i * big, data=os.urandom(big)) for i in range(4)]
-        rec.wait_for(4)
+        handles = []
+        for i in range(4):
+            handles.append(client.submit(Command.WRITE, i * big, data=os.urandom(big)))
+            handles.append(client.submit(Command.FLUSH))
+        rec.wait_for(8)
         assert rec.calls == [[h] for h in handles]
-        for _ in range(4):
+        for _ in range(8):
             rec.complete(0)
         assert all(client.reply(h).error == 0 for h in handles)
 
 
 def test_a_full_window_splits_a_batch_without_deadlock(sock_path):
     """Ten requests arrive together into a window of four, one of them already taken: the
-    admitted ones are submitted before the receive loop waits for room."""
+    admitted ones are submitted before the receive loop waits for room. (The first is a small
+    WRITE: after it the server reads ahead.)"""
     rec = BatchRecorder()
     with serve_unix(sock_path, lambda: rec, max_in_flight=4), connect(sock_path, "") as client:
-        handles = [client.submit(Command.FLUSH)]
+        handles = [client.submit(Command.WRITE, 0, data=b"w" * 512)]
         wait_until(lambda: rec.calls)
         handles += [client.submit(Command.FLUSH) for _ in range(9)]
         time.sleep(0.2)
@@ -492,6 +504,19 @@ def test_a_full_window_splits_a_batch_without_deadlock(sock_path):
             rec.complete(0)
         assert all(client.reply(h).error == 0 for h in handles)
         assert sum(len(c) for c in rec.calls) == 10
+
+
+def test_read_ahead_follows_the_last_write():
+    def req(kind, length=0):
+        return Request(kind=kind, flags=0, handle=1, offset=0, length=length)
+
+    small, big = req(Command.WRITE, READ_AHEAD_MAX_PAYLOAD), req(Command.WRITE, READ_AHEAD_MAX_PAYLOAD + 512)
+    assert next_read_ahead(0, small) == RECV_BUFFER_SIZE
+    assert next_read_ahead(RECV_BUFFER_SIZE, big) == 0
+    for kind in (Command.FLUSH, Command.TRIM, Command.READ, Command.WRITE_ZEROES):
+        # A FLUSH between large writes must not pull the next one's payload through the buffer.
+        assert next_read_ahead(0, req(kind, 4096)) == 0
+        assert next_read_ahead(RECV_BUFFER_SIZE, req(kind, 4096)) == RECV_BUFFER_SIZE
 
 
 def test_window_try_acquire():
@@ -515,7 +540,7 @@ def test_submit_many_raising_fails_every_request_of_the_call(sock_path):
 
     rec = Raising()
     with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
-        first = client.submit(Command.FLUSH)
+        first = client.submit(Command.WRITE, 0, data=b"w" * 512)
         wait_until(lambda: rec.calls)
         handles = [client.submit(Command.FLUSH) for _ in range(3)]
         time.sleep(0.2)
