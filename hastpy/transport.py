@@ -175,7 +175,7 @@ class FrameStream:
         belong to a payload are copied out of the buffer; a stream of payload-carrying frames
         (the secondary's requests) uses PAYLOAD_READ_AHEAD so that almost all of a payload
         arrives straight in its own buffer, a stream of small frames (replies) the whole buffer;
-        after a frame with at most SMALL_PAYLOAD bytes of payload the whole buffer either way.
+        after a frame with 1 to SMALL_PAYLOAD bytes of payload the whole buffer either way.
         on_wait: called before every receive from the socket, i.e. before this thread may wait
         for the peer (a reader that holds back its own sends flushes them there)."""
         self._sock = sock
@@ -213,9 +213,9 @@ class FrameStream:
             raise RemoteProtocolError(f"bad nv header: {exc}") from exc
         if size > self.max_payload:
             raise RemoteProtocolError(f"payload of {size} bytes exceeds the limit {self.max_payload}")
-        self._ahead = HEAD_BUFFER if size <= SMALL_PAYLOAD else self._read_ahead
-        if not size:
+        if not size:  # a KEEPALIVE or FLUSH says nothing about the payloads coming next
             return Frame(version, nv, memoryview(b""))
+        self._ahead = HEAD_BUFFER if size <= SMALL_PAYLOAD else self._read_ahead
         if size <= SMALL_PAYLOAD:  # through the buffer, with the frames behind it
             return Frame(version, nv, memoryview(self._take(size)))
         payload = memoryview(bytearray(size))

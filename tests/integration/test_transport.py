@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -69,3 +70,35 @@ def test_large_payload_after_small_frames(pair):
     sender.start()
     assert [bytes(stream.recv().payload) for _ in frames] == [small, big, last]
     sender.join(TIMEOUT)
+
+
+def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
+    """A FLUSH between large writes must not make the next header's receive pull part of the
+    next large payload through the buffer: after FLUSH the stream still reads ahead only
+    PAYLOAD_READ_AHEAD."""
+    a, b = pair
+    sizes = []
+    stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
+    real = stream._recv_into  # noqa: SLF001
+
+    def recording(view, flags=0):
+        sizes.append(len(view))
+        return real(view, flags)
+
+    stream._recv_into = recording  # noqa: SLF001
+    big = os.urandom(1 << 20)
+    flush = encode_frame(msg.PROTO_VERSION, msg.Request(msg.Cmd.FLUSH, 2, 0, 0).to_nv())
+    frames = [write_frame(1, big), flush, write_frame(3, big)]
+
+    def send():
+        send_buffers(a, frames[0] + frames[1])
+        time.sleep(0.3)  # the FLUSH is received alone, then the stream waits for the next header
+        send_buffers(a, frames[2])
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    for _ in frames:
+        stream.recv()
+    sender.join(TIMEOUT)
+    header_receives = [n for n in sizes if n < (1 << 19)]
+    assert header_receives and max(header_receives) <= PAYLOAD_READ_AHEAD
