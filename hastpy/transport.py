@@ -218,10 +218,28 @@ class FrameStream:
         self._ahead = HEAD_BUFFER if size <= SMALL_PAYLOAD else self._read_ahead
         if size <= SMALL_PAYLOAD:  # through the buffer, with the frames behind it
             return Frame(version, nv, memoryview(self._take(size)))
-        payload = memoryview(bytearray(size))
         got = min(size, self._end - self._start)
-        payload[:got] = self._view[self._start : self._start + got]
-        self._start += got
+        if not got:
+            # The common case: nothing of it read ahead. One receive into a bytes that recv
+            # allocates (not zero-filled, unlike a bytearray: that memset was 5 % of the
+            # secondary's CPU); a short one (a signal) continues into a buffer below.
+            if self._on_wait is not None:
+                self._on_wait()
+            try:
+                data = self._sock.recv(size, socket.MSG_WAITALL)
+            except BlockingIOError:
+                raise TimeoutError("receive timed out") from None
+            if len(data) == size:
+                return Frame(version, nv, memoryview(data))
+            if not data:
+                raise ConnectionError("connection closed by peer")
+        payload = memoryview(bytearray(size))
+        if got:
+            payload[:got] = self._view[self._start : self._start + got]
+            self._start += got
+        else:
+            got = len(data)
+            payload[:got] = data
         while got < size:
             n = self._recv_into(payload[got:], socket.MSG_WAITALL)
             if not n:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -102,3 +103,34 @@ def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
     sender.join(TIMEOUT)
     header_receives = [n for n in sizes if n < (1 << 19)]
     assert header_receives and max(header_receives) <= PAYLOAD_READ_AHEAD
+
+
+def test_large_payload_survives_a_short_receive(pair):
+    """A signal ends the payload's MSG_WAITALL receive early with part of it: the stream goes on
+    receiving the rest, and the frame arrives whole."""
+    a, b = pair
+    stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
+    big = os.urandom(2 << 20)
+    header = write_frame(1, big)[0]
+    half = len(big) // 2
+
+    def send():
+        send_buffers(a, [header])  # alone: nothing of the payload is read ahead with it
+        time.sleep(0.1)
+        send_buffers(a, [big[:half]])
+        time.sleep(0.6)
+        send_buffers(a, [big[half:]])
+
+    sender = threading.Thread(target=send, daemon=True)
+    interrupted = []
+    old = signal.signal(signal.SIGALRM, lambda *_: interrupted.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.4)
+        sender.start()
+        frame = stream.recv()  # the main thread: the one that gets SIGALRM
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        sender.join(TIMEOUT)
+    assert interrupted
+    assert bytes(frame.payload) == big
