@@ -120,10 +120,12 @@ class Link:
             return
         seq = next(self._seq)
         with self._lock:
-            if self.closed:
-                callback(errno.ENOTCONN, False, None)
-                return
-            self.pending[seq] = callback
+            closed = self.closed
+            if not closed:
+                self.pending[seq] = callback
+        if closed:  # outside the lock: the callback may reply to the client
+            callback(errno.ENOTCONN, False, None)
+            return
         self.sendq.put((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
 
     def submit_many(self, requests: list[tuple]) -> None:
@@ -131,14 +133,15 @@ class Link:
         the frames sent with one call."""
         frames = []
         with self._lock:
-            if self.closed:
-                for *_, callback in requests:
-                    callback(errno.ENOTCONN, False, None)
-                return
-            for cmd, offset, length, data, memsync, callback in requests:
+            closed = self.closed
+            for cmd, offset, length, data, memsync, callback in [] if closed else requests:
                 seq = next(self._seq)
                 self.pending[seq] = callback
                 frames.append((msg.Request(cmd=cmd, seq=seq, offset=offset, length=length, memsync=memsync), data))
+        if closed:  # outside the lock: the callbacks may reply to the client
+            for *_, callback in requests:
+                callback(errno.ENOTCONN, False, None)
+            return
         try:
             self._send(*frames)
         except (OSError, ProtocolError) as exc:

@@ -466,22 +466,48 @@ def test_small_requests_received_together_reach_the_backend_together(sock_path):
         assert all(client.reply(h).error == 0 for h in [first, *handles])
 
 
-def test_large_writes_are_not_read_ahead(sock_path):
-    """After a WRITE above READ_AHEAD_MAX_PAYLOAD the next receive takes only a header, so
-    requests queued behind it reach the backend one by one, FLUSHes in between too."""
-    rec = BatchRecorder()
-    rec.go.set()  # the client could not queue 1 MiB behind a stalled receive loop anyway
+class RecordingSocket:
+    """A socket whose receives are logged as (call, bytes asked for)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.log: list[tuple[str, int]] = []
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        self.log.append(("recv_into", nbytes))
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize, flags=0):
+        self.log.append(("recv", bufsize))
+        return self._sock.recv(bufsize, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_large_writes_are_not_read_ahead(backend):
+    """After a WRITE above READ_AHEAD_MAX_PAYLOAD the server receives one header at a time, so
+    that the next large payload lands in its own buffer; a FLUSH between large writes (as
+    filesystems send) does not turn read-ahead back on."""
+    from hastpy.nbd.server import serve_connection
+
+    ours, theirs = socket.socketpair()
+    recording = RecordingSocket(ours)
+    thread = threading.Thread(target=serve_connection, args=(recording, backend), kwargs={"workers": 1})
+    thread.start()
+    client = NBDClient(theirs)
     big = 256 * 1024
-    with serve_unix(sock_path, lambda: rec), connect(sock_path, "") as client:
-        handles = []
-        for i in range(4):
-            handles.append(client.submit(Command.WRITE, i * big, data=os.urandom(big)))
-            handles.append(client.submit(Command.FLUSH))
-        rec.wait_for(8)
-        assert rec.calls == [[h] for h in handles]
-        for _ in range(8):
-            rec.complete(0)
-        assert all(client.reply(h).error == 0 for h in handles)
+    handles = [client.submit(Command.WRITE, 0, data=b"s" * 4096)]  # small: read-ahead on
+    for i in range(3):
+        handles.append(client.submit(Command.WRITE, (i + 1) * big, data=os.urandom(big)))
+        handles.append(client.submit(Command.FLUSH))
+    assert all(client.reply(h).error == 0 for h in handles)
+    client.disconnect()
+    thread.join(TIMEOUT)
+    first_payload = next(i for i, (call, n) in enumerate(recording.log) if call == "recv" and n > READ_AHEAD_MAX_PAYLOAD)
+    after = [n for call, n in recording.log[first_payload + 1 :] if call == "recv_into"]
+    assert after and max(after) <= 28  # request headers only, FLUSH or not
+    assert any(call == "recv_into" and n == RECV_BUFFER_SIZE for call, n in recording.log[:first_payload])
 
 
 def test_a_full_window_splits_a_batch_without_deadlock(sock_path):

@@ -34,6 +34,14 @@ def flush(am: ActiveMap) -> bytes:
     return image
 
 
+def write_through(am: ActiveMap, offset: int, length: int) -> None:
+    """One write from start to completion, flushing the bitmap whenever the map asks."""
+    if am.write_start(offset, length):
+        flush(am)
+    if am.write_complete(offset, length):
+        flush(am)
+
+
 def ext_off(ext: int) -> int:
     return ext * EXT
 
@@ -222,10 +230,7 @@ def test_updates_much_fewer_than_writes_inside_keepdirty():
     writes = 0
     for i in range(2000):
         offset = ext_off((i * 7) % 8) + (i % 3) * 100
-        if am.write_start(offset, 100):
-            flush(am)
-        if am.write_complete(offset, 100):
-            flush(am)
+        write_through(am, offset, 100)
         writes += 1
     assert am.stat_updates == 8  # one per extent of the working set, on first touch
     assert writes == 2000
@@ -235,10 +240,7 @@ def test_updates_track_writes_beyond_keepdirty():
     am = make(nextents=64, keepdirty=8)
     for i in range(1000):
         offset = ext_off(i % 16)
-        if am.write_start(offset, 1):
-            flush(am)
-        if am.write_complete(offset, 1):
-            flush(am)
+        write_through(am, offset, 1)
     assert am.stat_updates >= 1000  # every write evicts, so every write rewrites the map
 
 
@@ -677,10 +679,7 @@ def test_premark_never_pushes_out_a_working_set_that_fits_keepdirty():
     am = make(nextents=10, keepdirty=4, premark=True)
     for i in range(64):
         offset = ext_off(i % 4)
-        if am.write_start(offset, 1):
-            flush(am)
-        if am.write_complete(offset, 1):
-            flush(am)
+        write_through(am, offset, 1)
     assert am.stat_updates == 3  # 0, then 1 (with 2), then 3 (with 4); never again
     assert bits(am.bitmap()) == {0, 1, 2, 3, 4}
 
