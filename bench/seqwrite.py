@@ -119,7 +119,7 @@ class HastPair:
 
     def hastpy_source(self) -> str:
         """Where the workers import hastpy from (the same interpreter, directory and environment)."""
-        cmd = [str(BIN / "python"), "-c", "import hastpy; print(hastpy.__file__)"]
+        cmd = [str(BIN / "python"), "-P", "-c", "import hastpy; print(hastpy.__file__)"]
         return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=self.root / "a").stdout.strip()
 
     def status(self, node: str) -> dict:
@@ -128,8 +128,8 @@ class HastPair:
     def start(self) -> None:
         for node in ("a", "b"):
             log = open(self.root / node / "hastd.log", "ab")
-            # cwd: workers run `python -m hastpy.worker`, which imports from its working directory
-            # first; outside the checkout, PYTHONPATH decides which hastpy an A/B run measures.
+            # cwd: outside the checkout, so that PYTHONPATH decides which hastpy the script's own
+            # client imports in an A/B run (the workers run with -P and ignore the directory).
             self.procs[node] = subprocess.Popen(
                 [str(BIN / "hastd"), "-F", "-c", str(self.root / node / "hast.conf"), "-n", f"node-{node}"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.root / node,

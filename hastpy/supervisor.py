@@ -277,10 +277,13 @@ class Supervisor:
         pass_fds = [child.fileno(), *fds.values()]
         # The title hastd's failover scripts look for ("hastd: <res> (<role>)") is the last
         # argument, so `pgrep -f` finds it; argv[0] must stay the interpreter for venvs to work.
+        # -P: `-m` would otherwise put hastd's working directory first on the import path, and a
+        # directory there named hastpy (the state directory next to a control socket, a checkout)
+        # would decide what code the worker runs.
         title = f"hastd: {rs.res.name} ({role})"
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hastpy.worker", str(child.fileno()), title],
+                [sys.executable, "-P", "-m", "hastpy.worker", str(child.fileno()), title],
                 pass_fds=pass_fds,
                 stdin=subprocess.DEVNULL,
             )
