@@ -9,7 +9,7 @@ file of the primary's datasize (the size the hast export has). Then, alternating
 run by run so that both see the same machine load:
 
 1. nbdcopy from a random file in the page cache:
-   `nbdcopy --requests=16 --connections=1 SRC nbd+unix:///?socket=...`
+   `nbdcopy --requests=16 --connections=4 SRC nbd+unix:///?socket=...` (--requests, --connections)
 2. hastpy.nbd.client writing the same bytes in 1 MiB requests, --inflight of them in flight.
 
 Prints MB/s (10^6 bytes per second) of each target, the median of --runs runs, and the ratio
@@ -175,9 +175,10 @@ class Nbdkit:
         self.proc.wait(30)
 
 
-def run_nbdcopy(src: Path, sock: str, requests: int) -> float:
+def run_nbdcopy(src: Path, sock: str, requests: int, connections: int) -> float:
     t = time.perf_counter()
-    subprocess.run(["nbdcopy", f"--requests={requests}", "--connections=1", str(src), f"nbd+unix:///?socket={sock}"], check=True)
+    argv = ["nbdcopy", f"--requests={requests}", f"--connections={connections}", str(src), f"nbd+unix:///?socket={sock}"]
+    subprocess.run(argv, check=True)
     return time.perf_counter() - t
 
 
@@ -204,6 +205,8 @@ def main() -> int:
     ap.add_argument("--replication", default="fullsync", choices=("fullsync", "memsync", "async"))
     ap.add_argument("--metaflush", default="on", choices=("on", "off"), help="hast.conf metaflush (default on)")
     ap.add_argument("--requests", type=int, default=16, help="nbdcopy --requests")
+    ap.add_argument("--connections", type=int, default=4,
+                    help="nbdcopy --connections (default 4, nbdcopy's own default: both servers allow multi-conn)")
     ap.add_argument("--inflight", type=int, default=16, help="hastpy client: 1 MiB requests in flight")
     ap.add_argument("--only", choices=("hast", "nbdkit"), default=None, help="measure one target only")
     ap.add_argument("--clients", default="nbdcopy,hastpy", help="comma-separated: nbdcopy, hastpy")
@@ -246,7 +249,7 @@ def main() -> int:
                 for target, sock in targets.items():
                     before = [cpu_seconds(p) for p in pids[target]]
                     if client == "nbdcopy":
-                        secs = run_nbdcopy(src, sock, args.requests)
+                        secs = run_nbdcopy(src, sock, args.requests, args.connections)
                     else:
                         secs = run_client(data, sock, args.inflight)
                     used = [(cpu_seconds(p) - b) * 1000 / args.mib for p, b in zip(pids[target], before)]
@@ -255,7 +258,7 @@ def main() -> int:
                     cpu[(client, target)].append(used)
                     per = " + ".join(f"{u:.2f}" for u in used)
                     print(f"  run {i + 1}: {client:8s} {target:6s} {mbs:8.1f} MB/s   cpu {per} ms/MiB", flush=True)
-        labels = {"nbdcopy": f"nbdcopy --requests={args.requests} --connections=1",
+        labels = {"nbdcopy": f"nbdcopy --requests={args.requests} --connections={args.connections}",
                   "hastpy": f"hastpy.nbd.client, {args.inflight} x 1 MiB in flight"}  # fmt: skip
         print("medians:")
         for client in clients:

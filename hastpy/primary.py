@@ -1004,7 +1004,12 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     drop_privileges()
     p.start_threads()
     channel.event("ready", socket=spec.get("nbd_path"), size=p.datasize)
-    export = nbdserver.ExportConfig(name=res.name, max_block_size=NBD_MAX_BLOCK)
+    # CAN_MULTI_CONN promises that a FLUSH on any connection makes durable every write already
+    # acknowledged on any other. It holds here: all connections share this Primary, its one
+    # provider fd (the local fdatasync) and its one Link, which is ordered (the remote FLUSH
+    # follows every remote write sent before it; async sends a write before acknowledging it).
+    # nbdfuse and nbdcopy then open several connections, and the kernel's copies overlap.
+    export = nbdserver.ExportConfig(name=res.name, multi_conn=True, max_block_size=NBD_MAX_BLOCK)
     frontend = NbdFrontend(p)
     while True:
         conn, _ = listener.accept()

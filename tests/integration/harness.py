@@ -170,6 +170,7 @@ class Node:
         self.proc = subprocess.Popen(
             [str(BIN / "hastd"), "-F", "-d", "-c", str(self.conf), "-n", self.name],
             stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **self.params.get("env", {})},
+            cwd=self.params.get("cwd"),
         )  # fmt: skip
         wait_for(lambda: (self.dir / "ctl").exists(), what=f"{self.name} control socket")
 

@@ -126,6 +126,35 @@ def test_memsync_acks_after_receipt_before_disk_write(make_pair):
         pair.stop()
 
 
+@pytest.mark.skipif(shutil.which("nbdinfo") is None, reason="nbdinfo (libnbd-bin) not installed")
+def test_multi_conn_flush_covers_writes_of_other_connections(make_pair):
+    """The export advertises CAN_MULTI_CONN, so a client may spread its writes over several
+    connections and flush on any one of them: that FLUSH must cover writes acknowledged on the
+    others. async acknowledges before the secondary's disk write (held here by the test hook), so
+    a FLUSH on a second connection must wait for it and return only once the secondary has it."""
+    from hastpy.nbd.codec import Command
+
+    pair = make_pair(replication="async")
+    gate = pair.b.dir / "hold-disk"
+    pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
+    pair.start()
+    uri = f"nbd+unix:///data?socket={pair.a.nbd_socket}"
+    info = json.loads(subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, check=True).stdout)
+    assert info["exports"][0]["can_multi_conn"] is True
+    writer, flusher = pair.a.client(), pair.a.client()
+    gate.touch()
+    try:
+        writer.pwrite(1 * MiB, b"k" * 65536)  # async: acknowledged with the secondary's disk held
+        waiter = _ReplyWaiter(flusher, flusher.submit(Command.FLUSH))
+        assert not waiter.within(1.5), "FLUSH on another connection returned before the secondary wrote"
+    finally:
+        gate.unlink()
+    assert waiter.within(10)
+    assert pair.b.data()[1 * MiB : 1 * MiB + 65536] == b"k" * 65536
+    writer.disconnect()
+    flusher.disconnect()
+
+
 def test_resync_moves_only_dirty_extents(make_pair):
     pair = make_pair(size=256 * MiB).start()
     pair.b.role("init")  # the secondary goes away

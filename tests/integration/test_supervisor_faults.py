@@ -53,3 +53,23 @@ def test_primary_worker_that_exits_with_an_error_reverts_to_init(make_pair):
     assert st["workerpid"] == 0
     assert st["worker_error"] == f"the primary worker exited with status {os.EX_NOINPUT}"
     assert f"Primary worker exited with status {os.EX_NOINPUT}: role changed to init." in a.log.read_text()
+
+
+def test_workers_ignore_a_hastpy_directory_in_hastds_working_directory(make_pair, tmp_path):
+    """hastd may run where a directory named hastpy sits (its state directory next to the
+    control socket, a checkout): the workers it starts must still import the installed package."""
+    cwd = tmp_path / "cwd"
+    shadow = cwd / "hastpy"
+    shadow.mkdir(parents=True)
+    for name in ("__init__.py", "worker.py"):
+        (shadow / name).write_text("raise SystemExit('the shadowing hastpy was imported')\n")
+    pair = make_pair()
+    for node in (pair.a, pair.b):
+        node.params["cwd"] = str(cwd)
+    pair.start()
+    c = pair.a.client()
+    c.pwrite(0, b"s" * 4096)
+    c.flush()
+    c.disconnect()
+    assert pair.b.data()[:4096] == b"s" * 4096
+    assert "shadowing" not in pair.a.log.read_text() + pair.b.log.read_text()
