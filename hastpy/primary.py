@@ -18,6 +18,7 @@ same order); FLUSH and FUA mean durable on every connected node before the reply
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -60,6 +61,15 @@ NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into max
 # keepdirty that is a synchronous disk write for nearly every write. A bit left set meanwhile
 # costs at most a resync of its extent after a crash (activemap.write_complete: not urgent).
 CLEAR_FLUSH_DELAY = 0.05
+# Writes of at most this many bytes, arriving on several NBD connections at once (multi-conn:
+# nbdfuse spreads the kernel's requests over 4), are started together by whichever receive thread
+# is already starting writes: one bitmap write and one send to the secondary for all of them.
+# Their cost is per request (system calls, wake-ups); larger writes are worth their own thread
+# (their copies overlap on several cores). The NBD server's read-ahead threshold, too.
+COMBINE_MAX_LENGTH = 64 * 1024
+# Groups a receive thread starts for others before it hands the rest to the pool and goes back to
+# its own connection: under steady load from the others it would otherwise never return.
+COMBINE_MAX_ROUNDS = 4
 
 SPLIT_BRAIN_ERRMSG = syncdecide.SPLIT_BRAIN_ERRMSG
 
@@ -287,6 +297,10 @@ class Primary:
         self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
         self._ranges = RangeLocks()
         self._ranges_cv = threading.Condition()  # guards self._ranges
+        # Small writes waiting for the thread that is starting writes (_combine); both guarded.
+        self._combine_lock = threading.Lock()
+        self._combine_q: list[tuple] = []
+        self._combining = False
         self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
         self._link_lock = threading.Lock()  # guards self.link and self.connected_since
         self.link: Link | None = None
@@ -407,7 +421,7 @@ class Primary:
         elif kind == "flush":
             self._flush(done)
         else:  # write, trim, zero: change data on both nodes
-            self._write(kind, offset, length, data, fua, done)
+            self._write_run([(kind, offset, length, data, fua, done)])
 
     def submit_many(self, requests: Sequence[tuple]) -> None:
         """Start requests (submit's arguments each) that arrived together, in order. Runs of
@@ -416,12 +430,51 @@ class Primary:
         run: list[tuple] = []
         for req in requests:
             if req[0] in ("read", "flush"):
-                self._write_group(run)
+                self._write_run(run)
                 run = []
                 self.submit(*req)
             else:
                 run.append(req)
-        self._write_group(run)
+        self._write_run(run)
+
+    def _write_run(self, run: list[tuple]) -> None:
+        if run and all(req[2] <= COMBINE_MAX_LENGTH for req in run):
+            self._combine(run)
+        else:
+            self._write_group(run)
+
+    def _combine(self, run: list[tuple]) -> None:
+        """Start small writes, together with those other connections' threads queued meanwhile.
+
+        The first thread in leads: it starts everything queued, group by group, while the others
+        only queue theirs and go back to receiving. NBD orders nothing between requests in
+        flight, so a write may start in another thread's group; the range locks still order
+        overlapping ones. After COMBINE_MAX_ROUNDS the leader hands on to the pool."""
+        with self._combine_lock:
+            self._combine_q += run
+            if self._combining:
+                return
+            self._combining = True
+        self._lead_combine()
+
+    def _lead_combine(self) -> None:
+        for _ in range(COMBINE_MAX_ROUNDS):
+            with self._combine_lock:
+                group, self._combine_q = self._combine_q, []
+                if not group:
+                    self._combining = False
+                    return
+            try:
+                self._write_group(group)
+            except Exception:  # a bug: fail what it left, and let the next write lead
+                log.exception("Starting %d writes failed.", len(group))
+                for *_, done in group:
+                    with contextlib.suppress(Exception):  # a request may have completed already
+                        done(errno.EIO, None)
+                with self._combine_lock:
+                    self._combining = False
+                return
+        self.pool.submit(self._lead_combine)  # still the leader: no one else starts the queue
 
     def _lock_range(self, kind: LockKind, offset: int, length: int):
         with self._ranges_cv:
