@@ -157,8 +157,8 @@ def test_multi_conn_flush_covers_writes_of_other_connections(make_pair):
 
 def test_small_writes_on_several_connections_land_on_both_disks(make_pair):
     """Small writes arriving on several connections at once are started together by one
-    receive thread (primary.COMBINE_MAX_LENGTH): every one of them is acknowledged once and
-    lands on both disks, overlapping ones in the order their acknowledgements allow."""
+    receive thread (primary.COMBINE_MAX_LENGTH): every one of them is acknowledged, and both
+    disks end with the same, expected bytes."""
     from hastpy.nbd.codec import Command
 
     pair = make_pair(size=64 * MiB).start()
