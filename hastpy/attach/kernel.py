@@ -4,8 +4,9 @@ We do what `nbd-client` does, without it (reference/peers.md §5.4): connect to 
 socket, run the fixed-newstyle handshake up to NBD_OPT_GO with `hastpy.nbd.client.NBDClient`
 (which leaves the socket in transmission phase, simple replies, as the kernel expects), then send
 NBD_CMD_CONNECT with that socket's fd, the size, block size, the server's transmission flags and
-timeouts. The kernel takes its own reference to the socket and answers with the device index;
-our fd is closed after the reply. Detach is NBD_CMD_DISCONNECT by index.
+timeouts; where the export allows multi-conn, MULTI_CONN_SOCKETS such sockets (nbd-client's
+-connections). The kernel takes its own references to the sockets and answers with the device
+index; our fds are closed after the reply. Detach is NBD_CMD_DISCONNECT by index.
 
 Needs Linux >= 4.12 (the nbd netlink family) and CAP_SYS_ADMIN. The ioctl interface
 (NBD_SET_SOCK ... NBD_DO_IT, which needs a thread parked in the kernel for the device's life) is
@@ -68,6 +69,10 @@ DISCONNECT_SETTLE = 1.0
 DEVICE_NODE_TIMEOUT = 5.0
 # `modprobe nbd` when the driver is neither loaded nor built in.
 MODPROBE_TIMEOUT = 10.0
+# Sockets given to the device when the export allows multi-conn (the driver then runs one
+# hardware queue per socket, and the server copies the requests of each on its own thread); one
+# otherwise. nbdfuse's default, so that both attach methods put the same load on the worker.
+MULTI_CONN_SOCKETS = 4
 
 NBD_MAJOR = 43
 _seq = itertools.count(int.from_bytes(os.urandom(2), "little") + 1)
@@ -151,19 +156,18 @@ def attach_kernel(att: Attachment, *, io_timeout: int = IO_TIMEOUT, dead_conn_ti
     """Connect, handshake, NBD_CMD_CONNECT; fills in and saves `att`. Raises AttachError."""
     att.backend_id = backend_identifier(att.statedir, att.name)
     save_state(att)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    socks: list[socket.socket] = []
     try:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        try:
-            sock.connect(att.socket_path)
-            client = NBDClient(sock, att.name)  # runs the handshake; we keep using `sock`
-        except (OSError, HastError) as exc:
-            raise AttachError(f"NBD handshake with {att.socket_path} (export {att.name!r}) failed: {exc}") from exc
+        client = _handshake(att, socks)
         if att.size and client.size != att.size:
             raise AttachError(f"export {att.name!r} has {client.size} bytes, expected {att.size}")
         if client.block_sizes and client.block_sizes[0] > SECTOR_SIZE:
             raise AttachError(f"export {att.name!r} needs {client.block_sizes[0]}-byte blocks; we use {SECTOR_SIZE}")
-        sock.settimeout(None)  # the kernel gets a blocking socket, as from nbd-client
+        if client.can_multi_conn:
+            while len(socks) < MULTI_CONN_SOCKETS:
+                _handshake(att, socks)
+        for sock in socks:
+            sock.settimeout(None)  # the kernel gets blocking sockets, as from nbd-client
         try:
             family = resolve_family(nl.NBD_GENL_FAMILY_NAME)
             replies = _transact(
@@ -175,7 +179,7 @@ def attach_kernel(att: Attachment, *, io_timeout: int = IO_TIMEOUT, dead_conn_ti
                     server_flags=client.transmission_flags,
                     timeout=io_timeout,
                     dead_conn_timeout=dead_conn_timeout,
-                    sockets=[sock.fileno()],
+                    sockets=[sock.fileno() for sock in socks],
                     backend_id=att.backend_id,
                 ),
                 "NBD_CMD_CONNECT",
@@ -185,12 +189,26 @@ def attach_kernel(att: Attachment, *, io_timeout: int = IO_TIMEOUT, dead_conn_ti
             hint = " (the nbd driver is not loaded: modprobe nbd)" if exc.errno == errno.ENOENT else ""
             raise AttachError(f"cannot connect an nbd device to {att.socket_path}: {exc}{hint}") from exc
     finally:
-        sock.close()  # the kernel holds its own reference from here on
+        for sock in socks:
+            sock.close()  # the kernel holds its own references from here on
     att.nbd_index = index
     att.device = f"/dev/nbd{index}"
     save_state(att)
     if not wait_until(lambda: os.path.exists(att.device), DEVICE_NODE_TIMEOUT):
         raise AttachError(f"{att.device} did not appear within {DEVICE_NODE_TIMEOUT:.0f} s")
+
+
+def _handshake(att: Attachment, socks: list[socket.socket]) -> NBDClient:
+    """One more connection to the worker's export, in transmission phase, added to `socks`
+    (which the caller closes, also on failure)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    socks.append(sock)
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    try:
+        sock.connect(att.socket_path)
+        return NBDClient(sock, att.name)  # runs the handshake; the kernel then uses `sock`
+    except (OSError, HastError) as exc:
+        raise AttachError(f"NBD handshake with {att.socket_path} (export {att.name!r}) failed: {exc}") from exc
 
 
 # --- Tear down --------------------------------------------------------------------------------

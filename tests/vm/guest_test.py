@@ -302,7 +302,20 @@ def promote(label: str) -> str | None:
         size = int(read(f"{sysfs}/size", "0") or 0) * 512
         detail = f"pid={read(f'{sysfs}/pid').strip()} size={size} backend={read(f'{sysfs}/backend').strip()!r}"
         step(f"{label}: {dev} is a connected nbd device", name.startswith("nbd") and os.path.exists(f"{sysfs}/pid"), detail)
+        # The export allows multi-conn: the kernel was given several sockets. Counted on the
+        # worker's side (blk-mq caps the device's hardware queues at the CPU count).
+        from hastpy.attach.kernel import MULTI_CONN_SOCKETS
+
+        row = status() or {}
+        conns = served_connections(row.get("nbd_socket") or f"/run/hastd-{RES}.nbd")
+        step(f"{label}: {dev} has {MULTI_CONN_SOCKETS} connections", conns == MULTI_CONN_SOCKETS, f"{conns} connected to the export")
     return dev
+
+
+def served_connections(path: str) -> int:
+    """Connected (state 03) sockets bound to `path`: the server's ends of its clients' connections."""
+    rows = [line.split() for line in read("/proc/net/unix").splitlines()[1:]]
+    return sum(1 for r in rows if len(r) >= 8 and r[5] == "03" and r[7] == path)
 
 
 def demote(label: str) -> None:
