@@ -35,6 +35,7 @@ from dataclasses import replace
 from hastpy import constants as const
 from hastpy import localio, metadata, syncdecide
 from hastpy.activemap import ActiveMap
+from hastpy.combiner import Combiner
 from hastpy.config import Resource
 from hastpy.errors import HastError, ProtocolError, ProviderError
 from hastpy.nbd import codec as nbdcodec
@@ -297,11 +298,9 @@ class Primary:
         self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
         self._ranges = RangeLocks()
         self._ranges_cv = threading.Condition()  # guards self._ranges
-        # Small writes waiting for the thread that is starting writes (_combine); both guarded.
-        self._combine_lock = threading.Lock()
-        self._combine_q: list[tuple] = []
-        self._combining = False
         self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
+        # Small writes from several connections' receive threads: one of them starts them all.
+        self._combiner: Combiner[tuple] = Combiner(self._write_group, self._fail_writes, self.pool.submit, COMBINE_MAX_ROUNDS)
         self._link_lock = threading.Lock()  # guards self.link and self.connected_since
         self.link: Link | None = None
         self._sync_wanted = threading.Event()
@@ -439,42 +438,16 @@ class Primary:
 
     def _write_run(self, run: list[tuple]) -> None:
         if run and all(req[2] <= COMBINE_MAX_LENGTH for req in run):
-            self._combine(run)
+            self._combiner.submit(run)
         else:
             self._write_group(run)
 
-    def _combine(self, run: list[tuple]) -> None:
-        """Start small writes, together with those other connections' threads queued meanwhile.
-
-        The first thread in leads: it starts everything queued, group by group, while the others
-        only queue theirs and go back to receiving. NBD orders nothing between requests in
-        flight, so a write may start in another thread's group; the range locks still order
-        overlapping ones. After COMBINE_MAX_ROUNDS the leader hands on to the pool."""
-        with self._combine_lock:
-            self._combine_q += run
-            if self._combining:
-                return
-            self._combining = True
-        self._lead_combine()
-
-    def _lead_combine(self) -> None:
-        for _ in range(COMBINE_MAX_ROUNDS):
-            with self._combine_lock:
-                group, self._combine_q = self._combine_q, []
-                if not group:
-                    self._combining = False
-                    return
-            try:
-                self._write_group(group)
-            except Exception:  # a bug: fail what it left, and let the next write lead
-                log.exception("Starting %d writes failed.", len(group))
-                for *_, done in group:
-                    with contextlib.suppress(Exception):  # a request may have completed already
-                        done(errno.EIO, None)
-                with self._combine_lock:
-                    self._combining = False
-                return
-        self.pool.submit(self._lead_combine)  # still the leader: no one else starts the queue
+    def _fail_writes(self, requests: list[tuple], exc: BaseException) -> None:
+        """The combiner's group failed to start (a bug): fail each request not yet answered."""
+        log.error("Starting %d writes failed.", len(requests), exc_info=exc)
+        for *_, done in requests:
+            with contextlib.suppress(Exception):  # a request may have completed already
+                done(errno.EIO, None)
 
     def _lock_range(self, kind: LockKind, offset: int, length: int):
         with self._ranges_cv:
