@@ -69,9 +69,10 @@ DISCONNECT_SETTLE = 1.0
 DEVICE_NODE_TIMEOUT = 5.0
 # `modprobe nbd` when the driver is neither loaded nor built in.
 MODPROBE_TIMEOUT = 10.0
-# Sockets given to the device when the export allows multi-conn (the driver then runs one
-# hardware queue per socket, and the server copies the requests of each on its own thread); one
-# otherwise. nbdfuse's default, so that both attach methods put the same load on the worker.
+# Sockets given to the device when the export allows multi-conn; one otherwise. The driver sends
+# each hardware queue's requests on a socket of its own (blk-mq makes at most one queue per CPU;
+# a spare socket takes over from a dead one), and the worker serves each socket on its own
+# thread, so the copies of concurrent requests overlap. nbdfuse's default number, too.
 MULTI_CONN_SOCKETS = 4
 
 NBD_MAJOR = 43
