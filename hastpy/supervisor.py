@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from hastpy import attach as attachmod
 from hastpy import config as cfgmod
 from hastpy import constants as const
-from hastpy import control
+from hastpy import control, metadata
 from hastpy.errors import ConfigError, ControlError, HastError, NvError, ProtocolError
 from hastpy.hooks import HookRunner
 from hastpy.proto import messages as msg
@@ -632,6 +632,8 @@ class Supervisor:
                 if req is None:
                     return
                 reply = self._call_in_loop(self.handle_control, req)
+                if req.get("cmd") == "status":
+                    add_provider_metadata(reply)
             except ControlError as exc:
                 reply = {"error": str(exc)}
             except RecursionError:  # json.loads of a line nested thousands deep
@@ -855,3 +857,30 @@ class PidFile:
         except FileNotFoundError:
             pass
         os.close(self.fd)
+
+
+def add_provider_metadata(reply: dict) -> None:
+    """Fill in what a worker would report (inconsistent mark, extentsize, keepdirty) from the
+    provider's metadata, for the status rows no worker answered for: role init, a secondary
+    waiting for its primary. So `hastctl list` says whether a node's data is marked inconsistent
+    before anyone tries to promote it. Runs on the control client's thread, not in hastd's loop:
+    a read from a failing disk may block for long, and must not stop hastd."""
+    for row in reply.get("resources", []):
+        if "error" in row or "inconsistent" in row or not row.get("localpath"):
+            continue
+        try:
+            fd = os.open(row["localpath"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                md = metadata.read_metadata(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            row["metadata_error"] = f"cannot read {row['localpath']}: {exc.strerror}"
+            continue
+        except HastError as exc:
+            row["metadata_error"] = str(exc)
+            continue
+        row["inconsistent"] = md.inconsistent
+        row.setdefault("extentsize", md.extentsize)
+        row.setdefault("keepdirty", md.keepdirty)
+

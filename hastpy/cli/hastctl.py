@@ -160,6 +160,8 @@ def format_list(r: dict) -> str:
         lines.append(f"  worker error: {r['worker_error']}")
     if r.get("inconsistent"):
         lines.append("  local data: inconsistent (a synchronization to this node has not finished)")
+    if r.get("metadata_error"):
+        lines.append(f"  metadata error: {r['metadata_error']}")
     if r["role"] == "primary":
         dirty = r.get("dirty", 0)
         lines.append(f"  dirty: {dirty} ({_human(dirty)})")

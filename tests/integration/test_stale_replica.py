@@ -69,6 +69,11 @@ def test_an_interrupted_sync_target_does_not_serve_alone_until_forced(make_pair)
     gate.unlink()
     wait_for(lambda: not pair.b.status().get("workerpid"), what="secondary worker gone after the primary died")
     assert MARK_LINE in _dump(pair.b)
+    # No worker answers for it now: hastd reads the mark from the provider, so list tells the
+    # admin before any promote is tried.
+    st = pair.b.status()
+    assert st["role"] == "secondary" and st["inconsistent"] is True
+    assert "local data: inconsistent" in pair.b.hastctl("list", pair.b.res).stdout
 
     cp = pair.b.hastctl("promote", pair.b.res, check=False)
     assert cp.returncode == const.STALE_DATA_EXIT, cp.stderr

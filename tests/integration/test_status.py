@@ -197,3 +197,25 @@ def test_writes_received_together_share_a_bitmap_write(make_pair):
     assert 1 <= st["activemap_updates"] <= nwrites // 2
     wait_for(lambda: pair.b.status()["statistics"]["writes"] == nwrites)
     assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_without_a_worker_status_reads_the_provider_metadata(make_pair):
+    """Role init has no worker to ask: hastd reads the mark, extentsize and keepdirty from the
+    provider; a provider it cannot read is reported, not hidden."""
+    pair = make_pair().start(connect=False)
+    a = pair.a
+    st = a.status()
+    assert st["role"] == "init" and not st.get("workerpid")
+    dump = json.loads(a.hastctl("dump", "--json").stdout)[0]
+    assert (st["inconsistent"], st["extentsize"], st["keepdirty"]) == (False, dump["extentsize"], dump["keepdirty"])
+    assert f"extentsize: {dump['extentsize']} " in a.hastctl("list", "data").stdout
+
+    moved = a.dir / "moved-away"
+    os.rename(st["localpath"], moved)
+    try:
+        st = a.status()
+        assert "inconsistent" not in st
+        assert st["metadata_error"] == f"cannot read {st['localpath']}: No such file or directory"
+        assert "metadata error: cannot read" in a.hastctl("list", "data").stdout
+    finally:
+        os.rename(moved, st["localpath"])
