@@ -66,8 +66,9 @@ CLEAR_FLUSH_DELAY = 0.05
 # nbdfuse spreads the kernel's requests over 4), are started together by whichever receive thread
 # is already starting writes: one bitmap write and one send to the secondary for all of them.
 # Their cost is per request (system calls, wake-ups); larger writes are worth their own thread
-# (their copies overlap on several cores). The NBD server's read-ahead threshold, too.
-COMBINE_MAX_LENGTH = 64 * 1024
+# (their copies overlap on several cores). The same bound as the NBD server's read-ahead: the
+# writes it takes in runs are the ones worth combining.
+COMBINE_MAX_LENGTH = nbdserver.READ_AHEAD_MAX_PAYLOAD
 # Groups a receive thread starts for others before it hands the rest to the pool and goes back to
 # its own connection: under steady load from the others it would otherwise never return.
 COMBINE_MAX_ROUNDS = 4

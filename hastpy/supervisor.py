@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from hastpy import attach as attachmod
 from hastpy import config as cfgmod
 from hastpy import constants as const
-from hastpy import control, metadata
+from hastpy import control, provider
 from hastpy.errors import ConfigError, ControlError, HastError, NvError, ProtocolError
 from hastpy.hooks import HookRunner
 from hastpy.proto import messages as msg
@@ -869,15 +869,9 @@ def add_provider_metadata(reply: dict) -> None:
         if "error" in row or "inconsistent" in row or not row.get("localpath"):
             continue
         try:
-            fd = os.open(row["localpath"], os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                md = metadata.read_metadata(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            row["metadata_error"] = f"cannot read {row['localpath']}: {exc.strerror}"
-            continue
-        except HastError as exc:
+            with provider.open_provider(row["localpath"], writable=False) as prov:
+                md = prov.read_metadata(row["name"])
+        except (OSError, HastError) as exc:
             row["metadata_error"] = str(exc)
             continue
         row["inconsistent"] = md.inconsistent

@@ -215,7 +215,7 @@ def test_without_a_worker_status_reads_the_provider_metadata(make_pair):
     try:
         st = a.status()
         assert "inconsistent" not in st
-        assert st["metadata_error"] == f"cannot read {st['localpath']}: No such file or directory"
-        assert "metadata error: cannot read" in a.hastctl("list", "data").stdout
+        assert st["metadata_error"] == f"Unable to open {st['localpath']}: No such file or directory."
+        assert f"metadata error: Unable to open {st['localpath']}" in a.hastctl("list", "data").stdout
     finally:
         os.rename(moved, st["localpath"])
