@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 
 import click
@@ -22,6 +23,8 @@ node_option = click.option(
 )  # fmt: skip
 debug_option = click.option("-d", "--debug", count=True, help="More logging; repeatable.")
 
+EX_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (128 + 2)
+
 
 def node_names(node: str | None) -> tuple[str, ...] | None:
     return (node,) if node else None
@@ -39,7 +42,8 @@ def fail(message: str, code: int) -> None:
 
 
 def reports_errors(fn):
-    """Turn HastError into one line on stderr and its sysexits code; never a traceback."""
+    """Turn HastError (its sysexits code), a tool that timed out and an OSError (EX_OSERR), and
+    ^C (130) into one line on stderr; never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -47,8 +51,12 @@ def reports_errors(fn):
             return fn(*args, **kwargs)
         except HastError as exc:
             fail(str(exc), exc.exit_code)
+        except subprocess.TimeoutExpired as exc:
+            fail(f"`{exc.cmd}` timed out after {exc.timeout:g} s", os.EX_OSERR)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             fail(f"{where}{exc.strerror or exc}", os.EX_OSERR)
+        except KeyboardInterrupt:
+            fail("interrupted", EX_INTERRUPTED)
 
     return wrapper

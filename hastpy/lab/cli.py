@@ -7,46 +7,20 @@ built); 77 not root. `exec` and `switch` exit with the command's own code.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import click
 
 from hastpy import metadata
+from hastpy.cli.options import EX_INTERRUPTED, reports_errors
 from hastpy.errors import HastError
 from hastpy.lab import topology as topo
 from hastpy.lab.lab import Lab, LabError, tool_path
 
 PROG = "hastpy-lab"
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"{PROG}: {message}", err=True)
-    sys.exit(code)
-
-
-def reports_errors(fn):
-    """One line on stderr and a sysexits code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HastError as exc:
-            _fail(str(exc), exc.exit_code)
-        except subprocess.TimeoutExpired as exc:
-            _fail(f"`{exc.cmd}` timed out after {exc.timeout:g} s", os.EX_OSERR)
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            _fail(f"{where}{exc.strerror or exc}", os.EX_OSERR)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-
-    return wrapper
 
 
 def _size(ctx, param, value):
@@ -236,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo(f"{PROG}: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EX_INTERRUPTED)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
