@@ -18,7 +18,7 @@ import click
 from hastpy import config as cfgmod
 from hastpy import constants as const
 from hastpy import control, failover, hookscripts, metadata, provider
-from hastpy.cli.options import config_option, debug_option, fail, load_config, node_option, reports_errors
+from hastpy.cli.options import config_option, debug_option, fail, load_config, node_option, reports_errors, run_main
 from hastpy.errors import HastError, UsageError
 
 ROLES = ("init", "primary", "secondary")
@@ -328,8 +328,8 @@ def _log_to_stderr_and_syslog() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hast %(message)s", handlers=handlers)
 
 
-def main() -> None:
-    cli(prog_name="hastctl")
+def main(argv: list[str] | None = None) -> None:
+    run_main(cli, "hastctl", argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from hastpy.cli.options import config_option, debug_option, node_option, node_names, reports_errors
+from hastpy.cli.options import config_option, debug_option, node_names, node_option, reports_errors, run_main
 from hastpy.supervisor import PidFile, Supervisor
 
 LOG_FORMAT = "%(asctime)s hastd[%(process)d] %(levelname)s %(message)s"
@@ -63,8 +63,8 @@ def _daemonize() -> None:
     os.close(devnull)
 
 
-def main() -> None:
-    cli(prog_name="hastd")
+def main(argv: list[str] | None = None) -> None:
+    run_main(cli, "hastd", argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+from typing import NoReturn
 
 import click
 
@@ -39,6 +40,24 @@ def fail(message: str, code: int) -> None:
     prog = ctx.find_root().info_name if ctx else os.path.basename(sys.argv[0])
     click.echo(f"{prog}: {message}", err=True)
     sys.exit(code)
+
+
+def run_main(cli: click.Command, prog: str, argv: list[str] | None = None) -> NoReturn:
+    """Run a command line to its exit status, sysexits style: a usage error (an unknown option
+    or command, a bad argument) exits EX_USAGE (click's own is 2), ^C at a prompt 130, and a
+    command's integer result is the exit status (hastpy-lab's exec and switch pass theirs on)."""
+    try:
+        rc = cli.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(os.EX_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo(f"{prog}: interrupted", err=True)
+        sys.exit(EX_INTERRUPTED)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def reports_errors(fn):

@@ -15,7 +15,7 @@ import sys
 import click
 
 from hastpy import metadata
-from hastpy.cli.options import EX_INTERRUPTED, reports_errors
+from hastpy.cli.options import reports_errors, run_main
 from hastpy.errors import HastError
 from hastpy.lab import topology as topo
 from hastpy.lab.lab import Lab, LabError, tool_path
@@ -199,19 +199,7 @@ def heal(lab: Lab, node: topo.Node) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; click's usage errors exit 64 (EX_USAGE) instead of 2."""
-    try:
-        rc = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.UsageError as exc:
-        exc.show()
-        sys.exit(os.EX_USAGE)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo(f"{PROG}: interrupted", err=True)
-        sys.exit(EX_INTERRUPTED)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    run_main(cli, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from hastpy.cli import hastctl, hastd
 from hastpy.cli.options import EX_INTERRUPTED, reports_errors
 from hastpy.errors import ConfigError
+from hastpy.lab import cli as labcli
 
 
 def _command(exc: BaseException) -> click.Command:
@@ -40,3 +42,16 @@ def test_each_failure_is_one_line_and_its_exit_code(exc, code, line):
     assert result.exit_code == code
     assert result.stderr == f"hastpy-lab: {line}\n"
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("main", [hastctl.main, hastd.main, labcli.main], ids=["hastctl", "hastd", "hastpy-lab"])
+@pytest.mark.parametrize("argv", [["--no-such-option"], ["--help"]], ids=["usage-error", "help"])
+def test_usage_errors_exit_ex_usage_and_help_exits_0(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    if argv == ["--help"]:
+        assert exit_.value.code == 0 and "Usage:" in out
+    else:
+        assert exit_.value.code == os.EX_USAGE  # sysexits; click's own code would be 2
+        assert "--no-such-option" in err

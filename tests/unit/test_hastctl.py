@@ -148,7 +148,8 @@ def test_daemon_commands_without_hastd(conf, tmp_path):
         assert "is hastd running" in result.output
 
 
-def test_bad_role_is_usage_error(conf):
-    result = CliRunner().invoke(hastctl.cli, ["role", "boss", "data", "-c", str(conf)])
-    assert result.exit_code == 2  # click's usage error
-    assert "boss" in result.output
+def test_bad_role_is_usage_error(conf, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        hastctl.main(["role", "boss", "data", "-c", str(conf)])
+    assert exit_.value.code == os.EX_USAGE  # sysexits, not click's 2
+    assert "boss" in capsys.readouterr().err
