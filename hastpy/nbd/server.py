@@ -11,8 +11,10 @@ in `BlockingAdapter`, which runs them on a few threads.
 
 Threads and what they own:
 - the receive thread (one per connection) is the only user of the codec and of socket reads;
-- any thread may send a reply; `ExportConnection._send_lock` keeps each reply's header and data
-  contiguous on the wire;
+- any thread may send a reply, and never waits for the client to read it: a reply goes out at
+  once while the socket has room, and what does not fit waits, in order, for the connection's own
+  sender thread (`ExportConnection._transmit`). The threads that complete requests serve every
+  connection (the primary's pipeline), so one client that stops reading must not stall the rest;
 - `InFlightWindow` bounds the requests (and payload bytes) a connection holds: when it is full
   the receive thread stops reading, so the client's own queue absorbs the excess and our memory
   stays bounded, which matters for a server that may be on the kernel's reclaim path
@@ -372,6 +374,23 @@ def next_read_ahead(current: int, request: Request) -> int:
     return RECV_BUFFER_SIZE if request.length <= READ_AHEAD_MAX_PAYLOAD else 0
 
 
+def send_without_waiting(sock: socket.socket, views: list[memoryview]) -> int:
+    """Send as much of `views` as the socket takes now (MSG_DONTWAIT); returns the bytes sent
+    and leaves in `views` what is left, the first view cut where the socket filled."""
+    sent_total = 0
+    while views:
+        try:
+            sent = sock.sendmsg(views[:MAX_IOV], (), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        sent_total += sent
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+    return sent_total
+
+
 def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every buffer in order with sendmsg, without joining them into one big copy."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -453,8 +472,18 @@ class ExportConnection:
             self._backend = self._adapter
         self._batch = isinstance(self._backend, BatchBackend)
         self._window = InFlightWindow(max_in_flight, max_in_flight_bytes)
-        self._send_lock = threading.Lock()  # guards socket sends and _broken
+        # Guards the socket's send side and everything below it. Bytes reach the socket in the
+        # order they were queued: directly while nothing waits in _backlog and the sender thread
+        # is not sending, else appended to _backlog for the sender thread.
+        self._send_cond = threading.Condition()
         self._broken = False  # a send failed: later replies are dropped
+        self._backlog: list[memoryview] = []  # bytes that did not fit the socket, in order
+        self._backlog_costs: list[int] = []  # window slots freed once _backlog is sent
+        self._sending = False  # the sender thread is sending a batch taken from _backlog
+        self._sender: threading.Thread | None = None  # started when the socket first fills
+        self._closing = False  # set by _finish(): the sender thread exits once idle
+        self._queued = 0  # bytes ever handed to _transmit (a position in the stream)
+        self._sent = 0  # of those, bytes on the wire
         self.export_name: str | None = None  # set once the client has entered transmission
 
     def run(self) -> None:
@@ -570,7 +599,13 @@ class ExportConnection:
 
     def _finish(self) -> None:
         """NBD_CMD_DISC and a clean shutdown both require finishing what is in flight first."""
-        self._window.wait_empty()
+        self._window.wait_empty()  # every reply with a window slot is sent, or dropped
+        with self._send_cond:
+            self._closing = True
+            self._send_cond.notify_all()
+            sender = self._sender
+        if sender is not None:
+            sender.join()
         if self._adapter is not None:
             self._adapter.close()
         with contextlib.suppress(OSError):
@@ -579,8 +614,91 @@ class ExportConnection:
     # -- sending, from any thread --
 
     def _send(self, buffers: Sequence[Buffer]) -> None:
-        with self._send_lock:
-            sendall_vectored(self._sock, buffers)
+        """Send from the receive thread (handshake replies, refusals) and return once the bytes
+        are on the wire, so that a client that does not read holds up only its own connection.
+        Raises OSError if the connection broke first."""
+        mark = self._transmit(buffers, ())
+        with self._send_cond:
+            self._send_cond.wait_for(lambda: self._sent >= mark or self._broken)
+            if mark < 0 or self._sent < mark:
+                raise BrokenPipeError("nbd: connection lost while sending")
+
+    def _transmit(self, buffers: Sequence[Buffer], costs: Sequence[int]) -> int:
+        """Queue `buffers` for the socket, as one contiguous run, without ever waiting for the
+        client: what the socket takes now is sent now, the rest is left to the sender thread.
+        The window slots `costs` are freed once all of it is on the wire (or dropped with the
+        connection). Returns the stream position just after these bytes."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        nbytes = sum(len(v) for v in views)
+        with self._send_cond:
+            if self._broken:
+                mark = -1
+            else:
+                self._queued += nbytes
+                mark = self._queued
+                if not self._backlog and not self._sending:
+                    try:
+                        sent = send_without_waiting(self._sock, views)
+                    except OSError as exc:
+                        self._break(exc, nbytes)
+                    else:
+                        self._sent += sent
+                        if views:  # the socket is full: the rest goes to the sender thread
+                            self._queue_backlog(views, costs)
+                            costs = ()
+                else:
+                    self._queue_backlog(views, costs)
+                    costs = ()
+        for cost in costs:  # sent, or dropped with a broken connection
+            self._window.release(cost)
+        return mark
+
+    def _queue_backlog(self, views: list[memoryview], costs: Sequence[int]) -> None:
+        """(Under _send_cond.) Leave `views` to the sender thread, which frees `costs`."""
+        self._backlog += views
+        self._backlog_costs += costs
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._sender_loop, name="nbd sender", daemon=True)
+            self._sender.start()
+        self._send_cond.notify_all()
+
+    def _sender_loop(self) -> None:
+        """The one thread that may block on this socket: sends _backlog in order until the
+        connection finishes. A client that does not read blocks it (and, through the window
+        slots it holds, this connection's receive thread), and no other thread."""
+        while True:
+            with self._send_cond:
+                self._send_cond.wait_for(lambda: self._backlog or self._closing)
+                if not self._backlog:
+                    return
+                views, costs = self._backlog, self._backlog_costs
+                self._backlog, self._backlog_costs = [], []
+                self._sending = True
+            nbytes = sum(len(v) for v in views)
+            failure: OSError | None = None
+            try:
+                sendall_vectored(self._sock, views)
+            except OSError as exc:
+                failure = exc
+            with self._send_cond:
+                self._sending = False
+                if failure is None:
+                    self._sent += nbytes
+                    self._send_cond.notify_all()
+                else:
+                    self._break(failure, nbytes)
+                    costs += self._backlog_costs  # dropped with the connection
+                    self._backlog, self._backlog_costs = [], []
+            for cost in costs:
+                self._window.release(cost)
+
+    def _break(self, exc: OSError, nbytes: int) -> None:
+        """(Under _send_cond.) The client is gone: drop later replies, wake whoever waits for
+        a send, and make the receive loop see EOF."""
+        log.info("nbd: %d bytes of replies not sent: %s", nbytes, exc)
+        self._broken = True
+        self._send_cond.notify_all()
+        self.stop()
 
     def _reply(self, request: Request, error: int, data: Buffer | None, cost: int) -> None:
         """Send a request's reply, or hold it for send_held_replies(); then (once sent) free
@@ -609,24 +727,11 @@ class ExportConnection:
         return [header, data] if data else [header]
 
     def _send_replies(self, items: list[tuple[list[Buffer], int]]) -> None:
-        """Send replies (their buffers, and window cost) in one call, then free their slots."""
-        try:
-            with self._send_lock:
-                if self._broken:
-                    return
-                try:
-                    if len(items) == 1 and len(items[0][0]) == 1:
-                        self._sock.sendall(items[0][0][0])
-                    else:
-                        sendall_vectored(self._sock, [b for buffers, _ in items for b in buffers])
-                except OSError as exc:
-                    # The client is gone: drop later replies and make the receive loop see EOF.
-                    log.info("nbd: %d replies not sent: %s", len(items), exc)
-                    self._broken = True
-                    self.stop()
-        finally:
-            for _, cost in items:
-                self._window.release(cost)
+        """Send replies (their buffers, and window cost) as one run; free their slots once sent."""
+        if len(items) == 1:
+            self._transmit(items[0][0], (items[0][1],))
+        else:
+            self._transmit([b for buffers, _ in items for b in buffers], [cost for _, cost in items])
 
 
 def serve_connection(

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import random
 import select
 import shutil
@@ -647,6 +648,67 @@ def test_reply_to_a_departed_client_is_dropped(sock_path):
         wait_until(lambda: srv.connection_count == 1)
         held.complete(0)  # the send fails: logged, and the connection winds down
         wait_until(lambda: srv.connection_count == 0)
+
+
+class OneCompleterBackend:
+    """An AsyncBackend shared by every connection whose requests one thread completes in
+    arrival order: the shape of the primary, whose pipeline threads send every connection's
+    replies."""
+
+    size = SIZE
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.submitted = 0
+        threading.Thread(target=self._complete, daemon=True).start()
+
+    def submit(self, request, done):
+        self.submitted += 1
+        self.queue.put((request, done))
+
+    def _complete(self):
+        while True:
+            request, done = self.queue.get()
+            done(0, bytes([request.handle % 256]) * request.length if request.kind == Command.READ else b"")
+
+
+def test_a_client_that_does_not_read_holds_up_only_itself(sock_path):
+    """Replies that do not fit a client's socket wait for that connection's sender thread: the
+    thread completing requests for everyone goes on, and the other client is served at once."""
+    backend = OneCompleterBackend()
+    with serve_unix(sock_path, lambda: backend), connect(sock_path, "") as stuck, connect(sock_path, "") as other:
+        handles = [stuck.submit(Command.READ, 0, MiB) for _ in range(16)]  # far over a socket buffer
+        wait_until(lambda: backend.submitted == 16)
+        assert other.pread(4096, 512) == bytes([1]) * 512  # would hang behind `stuck` before
+        other.flush()
+        replies = [stuck.reply(h) for h in handles]  # everything held for it arrives, intact
+        assert all(r.error == 0 and r.data == bytes([r.handle % 256]) * MiB for r in replies)
+
+
+def test_replies_a_client_does_not_read_keep_their_window_slots(sock_path):
+    """What waits for the sender thread is bounded by the connection's window: a client that
+    stops reading stops being admitted, and nothing is lost when it reads again."""
+    backend = OneCompleterBackend()
+    with serve_unix(sock_path, lambda: backend, max_in_flight=4), connect(sock_path, "") as client:
+        handles = [client.submit(Command.READ, 0, MiB) for _ in range(10)]
+        wait_until(lambda: backend.submitted == 4)
+        time.sleep(0.3)
+        assert backend.submitted == 4  # the unsent replies hold their slots
+        replies = [client.reply(h) for h in handles]
+        assert [r.error for r in replies] == [0] * 10 and backend.submitted == 10
+
+
+def test_a_client_leaving_with_replies_unsent_frees_its_connection(sock_path):
+    backend = OneCompleterBackend()
+    with serve_unix(sock_path, lambda: backend) as srv:
+        client = connect(sock_path, "")
+        for _ in range(8):
+            client.submit(Command.READ, 0, MiB)
+        wait_until(lambda: backend.submitted == 8)
+        client.close()  # the sender thread's send fails: the rest is dropped, the slots freed
+        wait_until(lambda: srv.connection_count == 0)
+        with connect(sock_path, "") as again:
+            assert again.pread(0, 512) == bytes([1]) * 512
 
 
 def test_serve_connection_on_a_socketpair(backend):

@@ -155,6 +155,32 @@ def test_multi_conn_flush_covers_writes_of_other_connections(make_pair):
     flusher.disconnect()
 
 
+def test_a_client_that_stops_reading_does_not_stall_the_others(make_pair):
+    """The primary's pipeline threads send every connection's replies: a client that sends
+    requests and never reads the replies (a wedged VM, a stopped process) must hold up only
+    itself, not the filesystem on /dev/hast/<name> next to it. Its replies wait for its
+    connection's own sender thread."""
+    from hastpy.nbd.codec import Command
+
+    pair = make_pair().start()
+    stuck, other = pair.a.client(), pair.a.client()
+    for _ in range(64):
+        stuck.submit(Command.READ, 0, MiB)  # 64 MiB of replies, never read
+        stuck.submit(Command.WRITE, 2 * MiB, 4096, b"s" * 4096)
+    writes = [_ReplyWaiter(other, other.submit(Command.WRITE, 4 * MiB, 4096, b"o" * 4096))]
+    assert writes[0].within(10), "a write on another connection waited for the client that does not read"
+    assert other.pread(4 * MiB, 4096) == b"o" * 4096
+    other.flush()
+    assert pair.a.status()["status"] == "complete"
+    other.disconnect()
+    stuck.close()
+    after = pair.a.client()
+    wait_for(lambda: after.pread(2 * MiB, 4096) == b"s" * 4096, what="the stuck client's writes")
+    after.disconnect()
+    pair.wait_complete()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
 def test_small_writes_on_several_connections_land_on_both_disks(make_pair):
     """Small writes arriving on several connections at once are started together by one
     receive thread (primary.COMBINE_MAX_LENGTH): every one of them is acknowledged, and both
