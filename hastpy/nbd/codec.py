@@ -31,7 +31,8 @@ Events returned by `next_event()`:
 - `Aborted`: send `.data` (the ack of NBD_OPT_ABORT), then close;
 - `Request`: a valid request; run it and send `encode_reply()` for its handle (except DISC:
   finish what is in flight, then close);
-- `RequestError`: an invalid request; send `encode_reply(handle, error)`; the stream is intact;
+- `RequestError`: an invalid request; send `encode_reply(handle, error)`; the stream is intact (a
+  refused WRITE's payload has been skipped by then, as nbdkit does: the reply never overtakes it);
 - `ConnectionClosed`: the client closed at a message boundary, or the session is over;
 - `NEED_DATA`: feed more bytes.
 
@@ -492,8 +493,11 @@ class ServerConnection:
         self._payload: bytearray | None = None
         self._filled = 0
         self._whole: bytes | bytearray | memoryview | None = None  # a payload received in one piece
-        # Bytes of a refused WRITE's payload still to be skipped (never buffered whole).
+        # Bytes of a refused WRITE's payload still to be skipped (never buffered whole), and the
+        # refusal, held until they are: a client may still be sending the payload and must not
+        # see the reply first (libnbd then drops the connection: it cannot match the reply).
         self._discard = 0
+        self._refusal: RequestError | None = None
 
     # -- public API --
 
@@ -719,9 +723,12 @@ class ServerConnection:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
         error, reason = self._validate(kind, flags, offset, length)
         if error:
-            if kind == Command.WRITE:
-                self._discard = length  # the payload follows anyway; skip it as it arrives
-            return RequestError(kind, flags, handle, offset, length, error, reason)
+            refusal = RequestError(kind, flags, handle, offset, length, error, reason)
+            if kind != Command.WRITE or not length:
+                return refusal
+            self._discard = length  # the payload follows anyway; skip it as it arrives
+            self._refusal = refusal
+            return self._read_transmission()
         if kind == Command.WRITE:
             return self._read_write_payload(flags, handle, offset, length)
         request = Request(_COMMANDS[kind], flags, handle, offset, length)
@@ -745,6 +752,9 @@ class ServerConnection:
             return NEED_DATA
         if self._pending is not None:
             return self._complete_write()
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            return refusal
         return self._read_request()
 
     def _complete_write(self) -> Event:
