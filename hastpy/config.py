@@ -19,8 +19,10 @@ Errors name the offending token and carry its line (1-based; hastd counts from 0
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -632,11 +634,24 @@ def local_node_names() -> tuple[str, ...]:
     return tuple(names)
 
 
+# A hast.conf is a few KiB, and one of hundreds of resources well under 1 MiB. Reading stops past
+# this, so that `-c /dev/zero` or a runaway generated file is a clear error, not all of memory
+# (hastd re-reads the file on every SIGHUP).
+MAX_CONFIG_SIZE = 16 * 1024 * 1024
+
+
 def load(path: str = const.DEFAULT_CONFIG, node_names: tuple[str, ...] | None = None) -> Config:
-    """Read and parse the file at `path`; `node_names` defaults to local_node_names()."""
+    """Read and parse the file at `path`; `node_names` defaults to local_node_names(). A regular
+    file or a pipe (`-c /dev/stdin`); anything else, or more than MAX_CONFIG_SIZE, is refused."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as file:
-            text = file.read()
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+                raise ConfigError("not a regular file", path)
+            data = file.read(MAX_CONFIG_SIZE + 1)
     except OSError as err:
         raise ConfigError(f"cannot read: {err.strerror or err}", path) from None
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"larger than {MAX_CONFIG_SIZE // (1024 * 1024)} MiB: not a configuration file", path)
+    text = data.decode("utf-8", errors="replace")
     return parse(text, path, local_node_names() if node_names is None else node_names)

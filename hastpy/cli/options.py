@@ -16,7 +16,7 @@ from hastpy.errors import HastError
 
 config_option = click.option(
     "-c", "--config", "config_path", default=const.DEFAULT_CONFIG, show_default=True,
-    type=click.Path(dir_okay=False), help="Configuration file.",
+    metavar="FILE", help="Configuration file.",  # checked by config.load: exit 78, not a usage error
 )  # fmt: skip
 node_option = click.option(
     "-n", "--node", default=None, metavar="NAME",

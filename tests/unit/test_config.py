@@ -4,6 +4,7 @@ Line numbers in error tests count from 1 at the first line of the dedented text.
 """
 
 import re
+import os
 import socket
 import string
 from pathlib import Path
@@ -717,6 +718,38 @@ def test_load_reports_unreadable_file(tmp_path):
         load(missing, ("hasta",))
     assert info.value.path == missing and info.value.line is None
     assert "cannot read" in str(info.value) and str(info.value).startswith(missing + ": ")
+
+
+@pytest.mark.parametrize("what", ["directory", "device"])
+def test_load_refuses_what_is_not_a_file(tmp_path, what):
+    path = str(tmp_path) if what == "directory" else "/dev/zero"  # /dev/zero: endless, never read
+    with pytest.raises(ConfigError) as info:
+        load(path, ("hasta",))
+    assert info.value.path == path and info.value.line is None
+    assert ("Is a directory" if what == "directory" else "not a regular file") in info.value.reason
+
+
+def test_load_refuses_a_file_over_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(cfg, "MAX_CONFIG_SIZE", 1024)
+    path = tmp_path / "hast.conf"
+    path.write_text(HANDBOOK + "#" * 1024)
+    with pytest.raises(ConfigError) as info:
+        load(str(path), ("hasta",))
+    assert "not a configuration file" in info.value.reason
+    exact = HANDBOOK + "#" * (1024 - len(HANDBOOK.encode()))  # at the limit: accepted
+    path.write_text(exact)
+    assert load(str(path), ("hasta",)).resources[0].remote == "172.16.0.2"
+
+
+def test_load_reads_a_pipe(tmp_path):
+    """`hastctl check-config -c /dev/stdin < hast.conf` or from a pipe."""
+    r, w = os.pipe()
+    os.write(w, HANDBOOK.encode())
+    os.close(w)
+    try:
+        assert load(f"/proc/self/fd/{r}", ("hasta",)).resources[0].remote == "172.16.0.2"
+    finally:
+        os.close(r)
 
 
 def test_load_reports_undecodable_bytes_as_a_character_error(tmp_path):
