@@ -66,6 +66,18 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
 
 
+class HostError(HastError):
+    """The system refused what hastd needs: an address to listen on, its control socket."""
+
+    exit_code = os.EX_OSERR
+
+
+class AlreadyRunning(HastError):
+    """Another hastd holds the pid file or serves the control socket (hastd: EX_TEMPFAIL)."""
+
+    exit_code = os.EX_TEMPFAIL
+
+
 class ControlError(HastError):
     """hastctl could not talk to hastd, or hastd refused the request."""
 

@@ -28,7 +28,7 @@ from hastpy import attach as attachmod
 from hastpy import config as cfgmod
 from hastpy import constants as const
 from hastpy import control, provider
-from hastpy.errors import ConfigError, ControlError, HastError, NvError, ProtocolError
+from hastpy.errors import AlreadyRunning, ConfigError, ControlError, HastError, HostError, NvError, ProtocolError
 from hastpy.hooks import HookRunner
 from hastpy.proto import messages as msg
 from hastpy.transport import listen, peer_host, recv_one, send_frame, tune
@@ -108,11 +108,17 @@ class Supervisor:
             probe = socket.socket(socket.AF_UNIX)
             try:
                 probe.connect(path)
-                raise HastError(f"another hastd is serving {path}")
+                raise AlreadyRunning(f"another hastd is serving {path}")
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)
             finally:
                 probe.close()
+        try:
+            self._bind_control(path)
+        except OSError as exc:
+            raise HostError(f"Unable to create the control socket {path}: {exc.strerror or exc}") from None
+
+    def _bind_control(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bound and listening under a temporary name, then renamed into place: a hastctl that
@@ -125,12 +131,15 @@ class Supervisor:
         old = os.umask(0o177)  # the control socket is created mode 0600: root only
         try:
             sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(16)
+            if tmp != path:
+                os.rename(tmp, path)
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old)
-        os.chmod(tmp, 0o600)
-        sock.listen(16)
-        if tmp != path:
-            os.rename(tmp, path)
         self.control_sock, self.control_path = sock, path
         self.sel.register(sock, selectors.EVENT_READ, ("control", None))
 
@@ -150,7 +159,7 @@ class Supervisor:
                     sock = listen(addr)
                 except OSError as exc:
                     if explicit:
-                        raise HastError(f"Unable to listen on {addr}: {exc}") from None
+                        raise HostError(f"Unable to listen on {addr}: {exc.strerror or exc}") from None
                     log.debug("Not listening on %s: %s", addr, exc)  # e.g. no IPv6 in this kernel
                     continue
                 socks.append(sock)
@@ -847,7 +856,7 @@ class PidFile:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise HastError(f"hastd is already running (pid file {path} is locked)") from None
+            raise AlreadyRunning(f"hastd is already running (pid file {path} is locked)") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
 

@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 
 import click
 
@@ -22,6 +23,13 @@ from hastpy.cli.options import config_option, debug_option, fail, load_config, n
 from hastpy.errors import HastError, UsageError
 
 ROLES = ("init", "primary", "secondary")
+# `role primary` returns once each new primary serves, or fails with the worker's reason and
+# exit code (a missing provider is 66, as DRBD's `drbdadm primary` fails at once): a script's
+# `hastctl role primary data && mount /dev/hast/data` must not go on with no device. A worker
+# first tries its peer for up to the resource's `timeout` before it starts degraded; this much
+# more covers opening the provider and starting the export.
+ROLE_READY_MARGIN = 10.0
+ROLE_READY_POLL = 0.05
 
 
 def _select(cfg: cfgmod.Config, names: tuple[str, ...]) -> list[cfgmod.Resource]:
@@ -117,13 +125,38 @@ def role(config_path, node, debug, force, role, names) -> None:
     Leaving primary is refused (exit 75) while /dev/hast/<name> is mounted or open, unless
     --force, which tears the device down under its users as FreeBSD's hastd does.
 
-    A node whose local data is marked inconsistent (a synchronization to it did not finish)
-    does not serve it as primary unless connected to a peer with the newer copy: the role falls
-    back to init and `list` says why. --force serves it anyway and drops the mark.
+    Becoming primary returns once the resource is served; if its worker cannot serve (no
+    provider: 66, no metadata: 65), the role falls back to init and the worker's reason and code
+    are the command's. A node whose local data is marked inconsistent (a synchronization to it
+    did not finish) does not serve it unless connected to a peer with the newer copy (exit 66,
+    `list` says why). --force serves it anyway and drops the mark.
     """
     cfg = load_config(config_path, node)
     reply = _call(cfg, {"cmd": "role", "role": role, "resources": list(names), "force": force})
     _exit_on_resource_errors(reply)
+    for r in reply["resources"]:
+        if r["role"] == "primary" and r["previous"] != "primary":
+            _wait_serving(cfg, cfg.resource(r["name"]))
+
+
+def _wait_serving(cfg: cfgmod.Config, res: cfgmod.Resource) -> None:
+    """Wait until a new primary serves; exit with its worker's code if it falls back to init.
+    A worker still starting at the deadline (its restart pending after a crash) is said on
+    stderr; the role is primary all the same, so that is not an error."""
+    deadline = time.monotonic() + res.timeout + ROLE_READY_MARGIN
+    while True:
+        st = _call(cfg, {"cmd": "status", "resources": [res.name]})["resources"][0]
+        if st["role"] != "primary":
+            why = st.get("worker_error") or "the primary worker stopped"
+            click.echo(f"hastctl: {res.name}: {why}; role changed to {st['role']}", err=True)
+            code = st.get("worker_exit")
+            raise SystemExit(code if isinstance(code, int) and os.EX_USAGE <= code <= os.EX_CONFIG else os.EX_UNAVAILABLE)
+        if st.get("serving"):
+            return
+        if time.monotonic() >= deadline:
+            click.echo(f"hastctl: {res.name}: primary, but not serving yet after {res.timeout + ROLE_READY_MARGIN:g} s (see hastctl list)", err=True)
+            return
+        time.sleep(ROLE_READY_POLL)
 
 
 def _exit_on_resource_errors(reply: dict) -> None:

@@ -8,15 +8,18 @@ started and exited with an error, and `hastctl list` shows the reason until the 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
-from harness import wait_for
+from harness import BIN, wait_for
 
 pytestmark = pytest.mark.integration
 
 # The worker's failure is noticed by hastd's loop (SIGCHLD) within a tick; this is only a bound.
 REAP_TIMEOUT = 30.0
+# hastd that cannot start exits at once; this only bounds a hang.
+HASTD_EXIT_TIMEOUT = 30.0
 
 
 def test_primary_worker_that_cannot_start_reverts_to_init(make_pair):
@@ -48,7 +51,11 @@ def test_primary_worker_that_exits_with_an_error_reverts_to_init(make_pair):
     a = pair.a
     a.disk.unlink()  # the worker cannot open its provider: exits with EX_NOINPUT
 
-    a.role("primary")  # accepted: the worker fails after hastctl got its answer
+    # hastd accepts the role and the worker fails after: hastctl waits for the worker to serve
+    # or fail, so a script's `role primary && mount` stops here, with the worker's code.
+    cp = a.hastctl("role", "primary", "data", check=False)
+    assert cp.returncode == os.EX_NOINPUT, cp
+    assert cp.stderr == f"hastctl: data: the primary worker exited with status {os.EX_NOINPUT}; role changed to init\n"
     st = wait_for(lambda: (s := a.status())["role"] == "init" and s, REAP_TIMEOUT, what="role back to init")
     assert st["workerpid"] == 0
     assert st["worker_error"] == f"the primary worker exited with status {os.EX_NOINPUT}"
@@ -73,3 +80,44 @@ def test_workers_ignore_a_hastpy_directory_in_hastds_working_directory(make_pair
     c.disconnect()
     assert pair.b.data()[:4096] == b"s" * 4096
     assert "shadowing" not in pair.a.log.read_text() + pair.b.log.read_text()
+
+
+def _hastd(node, *args: str) -> subprocess.CompletedProcess:
+    argv = [str(BIN / "hastd"), "-F", "-c", str(node.conf), "-n", node.name, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=HASTD_EXIT_TIMEOUT)
+
+
+def test_hastd_start_errors_are_one_line_with_the_sysexits_code(make_pair, tmp_path):
+    """What stops hastd from starting is said in one line with what it could not have, and the
+    code FreeBSD's hastd exits with: another hastd running 75 (EX_TEMPFAIL), an address it cannot
+    listen on or a control socket it cannot create 71 (EX_OSERR)."""
+    pair = make_pair().start(connect=False)
+    a = pair.a
+    second = _hastd(a)  # the same pid file, locked by the running hastd
+    assert second.returncode == os.EX_TEMPFAIL and second.stderr.count("\n") == 1, second
+    assert "hastd is already running (pid file" in second.stderr
+    a.stop()
+
+    conf = a.conf.read_text()
+    a.conf.write_text(conf.replace(f"listen {a.ip}:8457", "listen 192.0.2.77:8457"))  # not ours
+    cp = _hastd(a)
+    assert cp.returncode == os.EX_OSERR and cp.stderr.count("\n") == 1, cp
+    assert "Unable to listen on 192.0.2.77:8457: Cannot assign requested address" in cp.stderr
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    a.conf.write_text(conf.replace(f"control {a.dir / 'ctl'}", f"control {afile}/ctl"))
+    cp = _hastd(a)
+    assert cp.returncode == os.EX_OSERR and cp.stderr.count("\n") == 1, cp
+    assert f"Unable to create the control socket {afile}/ctl:" in cp.stderr
+    assert "Traceback" not in cp.stderr
+
+
+@pytest.mark.parametrize("what", ["directory", "missing", "device"])
+def test_an_unusable_config_file_is_a_configuration_error(tmp_path, what):
+    """-c naming a directory, nothing, or a device: one line naming it, exit 78 from both."""
+    path = {"directory": str(tmp_path), "missing": str(tmp_path / "nope.conf"), "device": "/dev/zero"}[what]
+    for argv in ([str(BIN / "hastctl"), "list", "-c", path], [str(BIN / "hastd"), "-F", "-c", path]):
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=HASTD_EXIT_TIMEOUT)
+        assert cp.returncode == os.EX_CONFIG and cp.stderr.count("\n") == 1, cp
+        assert cp.stderr.startswith(f"{os.path.basename(argv[0])}: {path}: ")
