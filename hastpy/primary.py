@@ -115,6 +115,11 @@ class Link:
         self.last_send = time.monotonic()
         self.keepalive = keepalive_interval(version, primary.res.timeout)
 
+    def set_timeout(self, timeout: int) -> None:
+        set_timeout(self.out, timeout)
+        set_timeout(self.inn, timeout)
+        self.keepalive = keepalive_interval(self.version, timeout)
+
     def start(self) -> None:
         threading.Thread(target=self._send_loop, name="remote-send", daemon=True).start()
         threading.Thread(target=self._recv_loop, name="remote-recv", daemon=True).start()
@@ -313,10 +318,25 @@ class Primary:
                                     "synced_bytes"), 0)  # fmt: skip
         self.inflight = 0
         self.sync_state = "idle"
+        self._connect_error = ""  # the last failed connection's reason, logged once per change
         # Single-threaded here: no lock needed yet. Everything marked on disk gets resynced.
         self.am.copyin(metadata.read_bitmap(self.fd, self.am.mapsize))
         if self.am.sync_pending_extents:
             log.info("%d extents marked dirty on disk: they will be synchronized.", self.am.sync_pending_extents)
+
+    def reconfigure(self, res: Resource) -> None:
+        """A reload's new settings (supervisor.LIVE_FIELDS), taken while serving, as hastd's
+        primary does. Safe at any moment: a write in flight is acknowledged by the mode in force
+        when its next part completes (every mode still marks what the secondary did not confirm
+        for resync), a frame is encoded with the checksum and compression of its send (the peer
+        decodes each by its own header), and the link's sockets get the new timeout."""
+        self.res = res
+        self.mode = res.replication
+        link = self.link
+        if link is not None:
+            link.set_timeout(res.timeout)
+        log.info("Configuration reloaded: replication %s, checksum %s, compression %s, timeout %d s, metaflush %s.",
+                 res.replication, res.checksum, res.compression, res.timeout, "on" if res.metaflush else "off")  # fmt: skip
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -338,7 +358,9 @@ class Primary:
             "extentsize": self.md.extentsize,
             "keepdirty": self.md.keepdirty,
             "dirty": dirty,
-            "sync": {"state": self.sync_state, "pending": tosync, "synced": stats["synced_bytes"]},
+            # "done" is the last pass's outcome; what was written alone since then is "needed".
+            "sync": {"state": "needed" if self.sync_state == "done" and tosync else self.sync_state,
+                     "pending": tosync, "synced": stats["synced_bytes"]},
             "statistics": stats,
             "queues": {
                 "local": self.pool._work_queue.qsize(),
@@ -827,8 +849,14 @@ class Primary:
             log.info("%s Waiting.", exc)
             return "wait"
         except (OSError, HastError, RemoteError) as exc:
-            log.debug("Unable to connect to %s: %s", self.res.remote, exc)
-            return "split-brain" if str(exc) == SPLIT_BRAIN_ERRMSG else "failed"
+            # Retried every few seconds while the peer is away: said once for each new reason
+            # (a refusal such as a resource unique ID mismatch must be seen without -d).
+            reason = str(exc)
+            level = logging.WARNING if reason != self._connect_error else logging.DEBUG
+            log.log(level, "Unable to connect to %s: %s", self.res.remote, reason)
+            self._connect_error = reason
+            return "split-brain" if reason == SPLIT_BRAIN_ERRMSG else "failed"
+        self._connect_error = ""
         with self._link_lock:
             self.link = link
         link.start()
@@ -1027,7 +1055,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
                 p.link.close("refusing to serve inconsistent local data")
             return const.STALE_DATA_EXIT
     listener = socket.socket(fileno=spec["fds"]["nbd"])
-    channel.serve_status(p.status)
+    channel.serve_status(p.status, p.reconfigure)
     drop_privileges()
     p.start_threads()
     channel.event("ready", socket=spec.get("nbd_path"), size=p.datasize)

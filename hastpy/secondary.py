@@ -72,6 +72,16 @@ class Secondary:
         self.pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk")
         self._hold = _open_hold(os.environ.get(TEST_HOLD_ENV))
 
+    def reconfigure(self, res: Resource) -> None:
+        """A reload's new settings (supervisor.LIVE_FIELDS): replies are encoded with the new
+        checksum and compression, and the sockets get the new timeout (a hastd peer's fixed
+        receive timeout stays, see serve)."""
+        self.res = res
+        if self.version >= msg.PROTO_VERSION_MAXIO:
+            set_timeout(self.reqsock, res.timeout)
+        set_timeout(self.repsock, res.timeout)
+        log.info("Configuration reloaded: checksum %s, compression %s, timeout %d s.", res.checksum, res.compression, res.timeout)
+
     # -- status ---------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -81,7 +91,7 @@ class Secondary:
             "statistics": dict(self.stats),
             "queues": {"local": self._queued, "send": 0, "recv": 0, "done": 0, "idle": 0},
             "extentsize": self.md.extentsize,
-            "keepdirty": 0,
+            "keepdirty": self.md.keepdirty,
             "dirty": 0,
             "inconsistent": self.md.inconsistent,
         }
@@ -340,6 +350,6 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     md, maxio = done
     channel.event("connect")
     sec = Secondary(res, prov, md, reqsock, repsock, version, maxio, channel)
-    channel.serve_status(sec.status)
+    channel.serve_status(sec.status, sec.reconfigure)
     drop_privileges()
     return sec.serve()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hastpy import attach as attachmod
 from hastpy import config as cfgmod
@@ -79,7 +79,18 @@ class ResState:
     worker_error: str | None = None  # why the role fell back to init (worker failed), for hastctl list
     worker_exit: int | None = None  # that worker's exit status (failover tells refusals apart by it)
     refusal: str | None = None  # the reason a primary worker gave before refusing to serve
+    # A reloaded configuration that could not be applied (the device was busy): it takes effect
+    # at the next role change, when the worker is restarted anyway.
+    pending_res: cfgmod.Resource | None = None
     events: list = field(default_factory=list)
+
+
+# Resource settings only hastd's own loop reads (it runs the hooks), and those a running worker
+# takes over when told (as hastd's primary does on SIGHUP: the ack mode, the wire's checksum and
+# compression, the sockets' timeout, the bitmap's flushing). A reload that changes nothing else
+# leaves the worker, its NBD clients, its peer connection and its device alone.
+HOOK_FIELDS = ("exec", "hook_timeout")
+LIVE_FIELDS = ("replication", "checksum", "compression", "timeout", "metaflush")
 
 
 class Supervisor:
@@ -559,6 +570,9 @@ class Supervisor:
         self._detach(rs, force)
         self.stop_worker(rs)
         self._drop_pending(rs)
+        if rs.pending_res is not None:
+            rs.res, rs.pending_res = rs.pending_res, None
+            log.info("[%s] Configuration change applied (it waited for this role change).", rs.res.name)
         rs.restart_at = None
         rs.worker_error = None
         rs.worker_exit = None
@@ -617,6 +631,7 @@ class Supervisor:
             "attach_error": rs.attach_error,
             "worker_error": rs.worker_error,
             "worker_exit": rs.worker_exit,
+            "config_pending": rs.pending_res is not None,  # a reload waits for the next role change
         }
         ws = self.worker_status(rs)
         if ws:
@@ -785,26 +800,59 @@ class Supervisor:
                     continue
                 del self.resources[name]
                 log.info("[%s] Resource removed.", name)
+        waiting = []
         for name, r in new_res.items():
             rs = self.resources.get(name)
             if rs is None:
                 self.resources[name] = ResState(r)
                 log.info("[%s] Resource added (role init).", name)
-            elif rs.res != r:
-                role = rs.role
-                try:
-                    self.set_role_one(rs, "init")
-                except attachmod.DeviceBusy as exc:
-                    log.error("[%s] Configuration change not applied: the device is busy (%s).", name, exc)
-                    continue
-                rs.res = r
-                try:
-                    self.set_role_one(rs, role)
-                except WorkerStartError:
-                    continue  # logged, role is init; the rest of the reload still applies
-                log.info("[%s] Resource configuration changed: restarted in role %s.", name, role)
+                continue
+            rs.pending_res = None  # this configuration replaces one still waiting, if any
+            if rs.res == r:
+                continue
+            if replace(rs.res, **{f: getattr(r, f) for f in HOOK_FIELDS}) == r:
+                rs.res = r  # only hastd runs hooks: nothing to restart
+                log.info("[%s] Hook settings changed.", name)
+                continue
+            if replace(rs.res, **{f: getattr(r, f) for f in HOOK_FIELDS + LIVE_FIELDS}) == r:
+                rs.res = r  # a worker started from now on has them from its spec
+                self._reconfigure_worker(rs)
+                continue
+            role = rs.role
+            try:
+                self.set_role_one(rs, "init")
+            except attachmod.DeviceBusy as exc:
+                rs.pending_res = r
+                waiting.append(name)
+                log.error("[%s] Configuration change not applied yet: the device is busy (%s). "
+                          "It applies at the next role change.", name, exc)  # fmt: skip
+                continue
+            rs.res = r
+            try:
+                self.set_role_one(rs, role)
+            except WorkerStartError:
+                continue  # logged, role is init; the rest of the reload still applies
+            log.info("[%s] Resource configuration changed: restarted in role %s.", name, role)
         self.cfg = new
-        log.info("Configuration reloaded.")
+        if waiting:
+            log.warning("Configuration reloaded, except for %s (device busy).", ", ".join(waiting))
+        else:
+            log.info("Configuration reloaded.")
+
+    def _reconfigure_worker(self, rs: ResState) -> None:
+        """Hand the running worker (if any) rs.res's LIVE_FIELDS. One that cannot be told has
+        gone away: _reap restarts it, from rs.res."""
+        w = rs.worker
+        if w is None:
+            log.info("[%s] Configuration changed.", rs.res.name)
+            return
+        try:
+            w.sock.settimeout(STATUS_TIMEOUT)
+            control.send(w.sock, {"cmd": "reconfigure", "resource": asdict(rs.res)})
+        except OSError as exc:
+            log.warning("[%s] The worker could not be told of the new configuration: %s.", rs.res.name, exc)
+            return
+        log.info("[%s] Configuration change handed to the running worker.", rs.res.name)
 
     def shutdown(self) -> None:
         for rs in self.resources.values():

@@ -61,8 +61,9 @@ class Channel:
     def event(self, name: str, **extra) -> None:
         self.send({"event": name, **extra})
 
-    def serve_status(self, status_fn) -> None:
-        """Answer status requests until the supervisor goes away, then end the worker."""
+    def serve_status(self, status_fn, reconfigure_fn) -> None:
+        """Answer status requests and take reloaded settings (supervisor.LIVE_FIELDS) until
+        the supervisor goes away, then end the worker."""
 
         def loop():
             try:
@@ -71,6 +72,8 @@ class Channel:
                         # Echo the request's id: the supervisor matches replies to requests
                         # and drops one that comes after it stopped waiting.
                         self.send({"reply": status_fn(), "id": req.get("id")})
+                    elif req.get("cmd") == "reconfigure":
+                        reconfigure_fn(resource_from_dict(req["resource"]))
             except Exception as exc:  # noqa: BLE001 - any failure here means the parent is gone
                 log.error("Control channel failed: %s", exc)
             log.warning("Supervisor went away, exiting.")

@@ -416,6 +416,44 @@ def test_leaving_primary_while_mounted_is_refused_then_clean(dev_pair):
     assert not os.path.exists(a.nbd_socket)
 
 
+def test_reload_while_the_device_is_open_waits_for_the_next_role_change(dev_pair):
+    """SIGHUP with a setting a running worker cannot take (here the provider's name) restarts
+    the resource, which an open device forbids: the change waits, says so in the log and in
+    `hastctl list`, and applies at the next role change. A hook-only change, or one the worker
+    takes (the ack mode), needs no restart and applies at once, device open or not."""
+    a, pair = dev_pair.a, dev_pair.pair
+    before = a.status()
+    a.params["exec"] = "/bin/true"
+    a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+    a.reload()
+    wait_for(lambda: "[data] Hook settings changed." in log_of(a), what="hook-only reload")
+    assert a.status()["workerpid"] == before["workerpid"]
+
+    fd = os.open(a.devlink(), os.O_RDONLY)  # what a mount or a database holds
+    try:
+        a.params["res_extra"] = {RES: ["replication memsync"]}
+        a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+        a.reload()
+        wait_for(lambda: "[data] Configuration change handed to the running worker." in log_of(a), what="reload")
+        st = a.status()
+        assert (st["replication"], st["workerpid"], st["config_pending"]) == ("memsync", before["workerpid"], False)
+
+        a.params["res_extra"] = {RES: ["replication memsync", "name other"]}
+        a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+        a.reload()
+        wait_for(lambda: "Configuration reloaded, except for data (device busy)." in log_of(a), what="reload")
+        assert "[data] Configuration change not applied yet: the device is busy" in log_of(a)
+        st = a.status()
+        assert (st["provname"], st["workerpid"], st["config_pending"]) == (RES, before["workerpid"], True)
+        assert "configuration: reloaded, applies at the next role change" in a.hastctl("list", RES).stdout
+    finally:
+        os.close(fd)
+    a.role("secondary")
+    assert "[data] Configuration change applied (it waited for this role change)." in log_of(a)
+    st = a.status()
+    assert (st["provname"], st["config_pending"]) == ("other", False)
+
+
 # --- 4. kill -9 of the primary worker under a mounted filesystem ------------------------------
 
 

@@ -48,21 +48,50 @@ def test_new_resource_appears_and_replicates(make_pair):
 
 
 def test_changed_resource_settings_are_applied(make_pair):
+    """The ack mode, checksum, compression and timeout reach the running workers on both nodes,
+    as hastd's primary takes them on SIGHUP: no restart, no reconnection, an NBD client
+    connected across the reload goes on, and what it writes after replicates with them."""
     pair = make_pair(size=32 * MiB).start()
     st = pair.a.status()
     assert (st["checksum"], st["replication"]) == ("none", "fullsync")
-    old_pid = st["workerpid"]
+    pids = (st["workerpid"], pair.b.status()["workerpid"])
+    c = pair.a.client()
+    c.pwrite(0, os.urandom(MiB))
     pair.a.params["timeout"] = 7
-    pair.a.params["res_extra"] = {"data": ["checksum crc32", "replication memsync"]}
+    pair.a.params["res_extra"] = {"data": ["checksum crc32", "replication memsync", "compression lzf"]}
     pair.write_conf()
     for n in (pair.a, pair.b):
         n.reload()
         _reloaded(n, 1)
+        assert "[data] Configuration change handed to the running worker." in n.log.read_text()
+    wait_for(lambda: "Configuration reloaded: replication memsync, checksum crc32, compression lzf, timeout 7 s"
+             in pair.a.log.read_text(), what="the primary worker took the settings")  # fmt: skip
+    wait_for(lambda: "Configuration reloaded: checksum crc32, compression lzf, timeout 7 s" in pair.b.log.read_text(),
+             what="the secondary worker took the settings")  # fmt: skip
     st = pair.a.status()
-    assert (st["checksum"], st["replication"]) == ("crc32", "memsync")
-    assert st["workerpid"] != old_pid  # restarted with the new settings
+    assert (st["checksum"], st["replication"], st["compression"]) == ("crc32", "memsync", "lzf")
+    assert (st["workerpid"], pair.b.status()["workerpid"]) == pids  # the same workers
+    c.pwrite(MiB, b"z" * MiB)  # compressible: lzf on the wire now
+    c.pwrite(2 * MiB, os.urandom(MiB))
+    c.flush()
+    c.disconnect()
+    assert "Disconnected" not in pair.a.log.read_text()
+    pair.wait_complete()
+    assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_a_changed_device_setting_restarts_the_resource(make_pair):
+    """What a running worker cannot take (here the provider's name, /dev/hast/<name>)
+    restarts the resource in its role, with the new settings."""
+    pair = make_pair(size=32 * MiB).start()
+    old_pid = pair.a.status()["workerpid"]
+    pair.a.params["res_extra"] = {"data": ["name other"]}
+    pair.a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+    pair.a.reload()
+    _reloaded(pair.a, 1)
     assert "[data] Resource configuration changed: restarted in role primary." in pair.a.log.read_text()
-    assert pair.b.status()["role"] == "secondary"
+    wait_for(lambda: pair.a.status()["workerpid"] not in (0, old_pid), what="a new worker")
+    assert pair.a.status()["provname"] == "other"
     pair.wait_complete()
     c = pair.a.client()
     c.pwrite(0, os.urandom(MiB))

@@ -101,6 +101,7 @@ def test_activemap_updates_track_writes_beyond_keepdirty(make_pair):
     pair = make_pair(size=64 * MiB, create_args=["-k", "4"]).start()
     a = pair.a.status()
     assert a["keepdirty"] == 4
+    assert pair.b.status()["keepdirty"] == 4  # the secondary's metadata says the same
     ext = a["extentsize"]
     c = pair.a.client()
     nwrites = 64
@@ -162,6 +163,14 @@ def test_status_text_and_json(make_pair):
     assert pair.b.hastctl("status").stdout.splitlines()[1] == f"data\t{'-':<9}{'init':<15}{pair.b.disk}\t{pair.ip_a}"
     (r,) = json.loads(pair.b.hastctl("status", "--json").stdout)
     assert (r["role"], r["workerpid"]) == ("init", 0)
+    # Written alone: the last synchronization was done, the next one is needed.
+    c = pair.a.client()
+    c.pwrite(0, b"d" * 4096)
+    c.disconnect()
+    sync = pair.a.status()["sync"]
+    assert sync["state"] == "needed" and sync["pending"] > 0, sync
+    assert f"sync: needed, {sync['pending']} bytes to go" in pair.a.hastctl("list").stdout
+    wait_for(lambda: "WARNING Unable to connect to" in pair.a.log.read_text(), what="why it cannot reconnect, without -d")
 
 
 def test_status_of_several_resources_and_unknown_names(make_pair):

@@ -114,7 +114,7 @@ def test_status_wait_is_bounded_in_total_while_events_keep_coming(sup, monkeypat
     theirs.close()
 
 
-def test_the_worker_echoes_the_request_id():
+def test_the_worker_echoes_the_request_id_and_takes_new_settings():
     """hastpy.worker's side, in a child: its channel thread ends the process when the
     supervisor's end closes, which must not be the test runner."""
     code = """
@@ -122,15 +122,23 @@ import socket, sys
 from hastpy import control
 from hastpy.worker import Channel
 a, b = socket.socketpair()
-Channel(a).serve_status(lambda: {"n": 1})
+from dataclasses import asdict
+from hastpy.config import parse
+res = parse(sys.argv[1], "hast.conf", ("hasta",)).resources[0]
+taken = []
+Channel(a).serve_status(lambda: {"n": len(taken)}, lambda r: taken.append(r))
 reader = control.LineReader(b)
-for i in (7, 8):
-    control.send(b, {"cmd": "status", "id": i})
-    print(reader.read(), flush=True)
+control.send(b, {"cmd": "status", "id": 7})
+print(reader.read(), flush=True)
+control.send(b, {"cmd": "reconfigure", "resource": asdict(res)})  # no reply: the next status tells
+control.send(b, {"cmd": "status", "id": 8})
+print(reader.read(), flush=True)
+print(taken == [res], flush=True)
 """
-    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    conf = "resource data {\n on hasta {\n  local /dev/null\n  remote 10.0.0.2\n }\n on hastb {\n  local /dev/null\n  remote 10.0.0.1\n }\n}\n"
+    cp = subprocess.run([sys.executable, "-c", code, conf], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
-    assert cp.stdout.splitlines() == ["{'reply': {'n': 1}, 'id': 7}", "{'reply': {'n': 1}, 'id': 8}"]
+    assert cp.stdout.splitlines() == ["{'reply': {'n': 0}, 'id': 7}", "{'reply': {'n': 1}, 'id': 8}", "True"]
 
 
 # --- a primary whose worker cannot start ------------------------------------------------------
