@@ -493,7 +493,7 @@ class _Parser:
     def seconds(self, keyword: _Token) -> int:
         token = self.operand(keyword, "a number of seconds")
         if token.kind != "num":
-            raise self.error(f"{keyword.text} must be a number, not {_q(token.text)}", token.line)
+            raise self.error(f"{keyword.text} must be a whole number of seconds, not {_q(token.text)}", token.line)
         # Length first: int() of a huge digit string is slow and, past 4300 digits, a ValueError.
         too_long = len(token.text.lstrip("0")) > len(str(const.MAX_TIMEOUT))
         if too_long or int(token.text) > const.MAX_TIMEOUT:

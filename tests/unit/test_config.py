@@ -434,14 +434,14 @@ def test_duplicate_resource():
 @pytest.mark.parametrize(
     "text, line, fragment",
     [
-        ("timeout abc", 1, "timeout must be a number, not 'abc'"),
-        ("\ntimeout\n\n/x", 4, "timeout must be a number, not '/x'"),
+        ("timeout abc", 1, "timeout must be a whole number of seconds, not 'abc'"),
+        ("\ntimeout\n\n/x", 4, "timeout must be a whole number of seconds, not '/x'"),
         ("timeout 0", 1, "timeout must be greater than 0, not '0'"),
         ("timeout 000", 1, "greater than 0, not '000'"),
         ("hook_timeout 0", 1, "hook_timeout must be greater than 0"),
         ("timeout 2147483648", 1, "at most 2147483647 seconds"),
         ("timeout " + "9" * 5000, 1, "at most 2147483647 seconds, not '99999"),
-        ("timeout none", 1, "timeout must be a number, not 'none'"),
+        ("timeout none", 1, "timeout must be a whole number of seconds, not 'none'"),
     ],
 )
 def test_bad_numbers(text, line, fragment):
