@@ -19,7 +19,8 @@ The protocol is NetworkBlockDevice/nbd doc/proto.md (reference/peers.md §5.3). 
 subset every client we care about negotiates (peers.md §5.4): the Linux kernel via nbd-client, and
 libnbd's nbdinfo, nbdcopy and nbdfuse, and qemu:
 
-- handshake: fixed newstyle only; options GO, INFO, EXPORT_NAME, LIST, ABORT; everything else
+- handshake: fixed newstyle (plain newstyle clients get NBD_OPT_EXPORT_NAME alone, as the spec
+  allows them nothing else); options GO, INFO, EXPORT_NAME, LIST, ABORT; everything else
   (STARTTLS, STRUCTURED_REPLY, meta contexts, extended headers) is answered NBD_REP_ERR_UNSUP;
 - transmission: READ, WRITE, DISC, FLUSH, TRIM, WRITE_ZEROES with simple replies only, so a reply
   is a 16-byte header plus, for a successful READ, exactly the requested bytes.
@@ -483,6 +484,7 @@ class ServerConnection:
         self.transmission_flags = transmission_flags(read_only=read_only, multi_conn=multi_conn)
         self.state = State.CLIENT_FLAGS
         self.no_zeroes = False
+        self.fixed_newstyle = True  # set from the client's flags
         self._buffer = _ReceiveBuffer()
         self._eof = False
         # A WRITE whose payload is still arriving: its header (flags, handle, offset, length),
@@ -633,8 +635,9 @@ class ServerConnection:
         (flags,) = CLIENT_FLAGS.unpack(raw)
         if flags & ~KNOWN_CLIENT_FLAGS:
             raise RemoteProtocolError(f"unknown client flags {flags:#x}")
-        if not flags & FLAG_C_FIXED_NEWSTYLE:
-            raise RemoteProtocolError("client does not speak fixed newstyle negotiation")
+        # A client without FIXED_NEWSTYLE (plain newstyle, nbd-client before 3.x) knows only
+        # NBD_OPT_EXPORT_NAME, and cannot take a reply to anything else: see _read_option.
+        self.fixed_newstyle = bool(flags & FLAG_C_FIXED_NEWSTYLE)
         self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
         self.state = State.OPTIONS
         return self._read_option()
@@ -650,6 +653,8 @@ class ServerConnection:
         raw = self._buffer.take(OPTION_HEADER.size + length)
         if raw is None:
             return NEED_DATA
+        if not self.fixed_newstyle and option != OPT_EXPORT_NAME:
+            raise RemoteProtocolError(f"option {option} from a client without fixed newstyle negotiation")
         handler = _OPTION_HANDLERS.get(option, ServerConnection._option_unsupported)
         return handler(self, option, raw[OPTION_HEADER.size :])
 

@@ -256,7 +256,21 @@ def test_read_only_and_multi_conn_flags():
     assert conn.next_event().data == struct.pack(">QH", SIZE, FLAGS_RO | 0x100)
 
 
-@pytest.mark.parametrize("flags", [0, 2, 4, 0x80000001])
+@pytest.mark.parametrize("flags,padding", [(0, 124), (2, 0)])
+def test_plain_newstyle_client_gets_export_name_only(flags, padding):
+    """A client without FIXED_NEWSTYLE may only send NBD_OPT_EXPORT_NAME; any other option
+    cannot be answered (it would not expect a reply), so the connection ends."""
+    conn = new_conn()
+    conn.receive_data(struct.pack(">I", flags) + option(1, NAME.encode()))
+    ready = conn.next_event()
+    assert isinstance(ready, Ready) and ready.data == struct.pack(">QH", SIZE, FLAGS_RW) + bytes(padding)
+    conn = new_conn()
+    conn.receive_data(struct.pack(">I", flags) + option(7, go_data()))
+    with pytest.raises(RemoteProtocolError, match="without fixed newstyle"):
+        conn.next_event()
+
+
+@pytest.mark.parametrize("flags", [4, 0x80000001])
 def test_bad_client_flags(flags):
     conn = new_conn()
     conn.receive_data(struct.pack(">I", flags))
