@@ -666,36 +666,43 @@ class ExportConnection:
         """The one thread that may block on this socket: sends _backlog in order until the
         connection finishes. A client that does not read blocks it (and, through the window
         slots it holds, this connection's receive thread), and no other thread."""
-        while True:
-            with self._send_cond:
-                self._send_cond.wait_for(lambda: self._backlog or self._closing)
-                if not self._backlog:
-                    return
-                views, costs = self._backlog, self._backlog_costs
-                self._backlog, self._backlog_costs = [], []
-                self._sending = True
-            nbytes = sum(len(v) for v in views)
-            failure: OSError | None = None
-            try:
-                sendall_vectored(self._sock, views)
-            except OSError as exc:
-                failure = exc
-            with self._send_cond:
-                self._sending = False
-                if failure is None:
-                    self._sent += nbytes
-                    self._send_cond.notify_all()
-                else:
-                    self._break(failure, nbytes)
-                    costs += self._backlog_costs  # dropped with the connection
-                    self._backlog, self._backlog_costs = [], []
-            for cost in costs:
-                self._window.release(cost)
+        while self._send_backlog():
+            pass
 
-    def _break(self, exc: OSError, nbytes: int) -> None:
+    def _send_backlog(self) -> bool:
+        """Send what _backlog holds now, once there is some; False once the connection is
+        finishing and nothing is left. A function of its own so that nothing of a batch (its
+        payloads, a failed send's exception and traceback) outlives it while the thread waits."""
+        with self._send_cond:
+            self._send_cond.wait_for(lambda: self._backlog or self._closing)
+            if not self._backlog:
+                return False
+            views, costs = self._backlog, self._backlog_costs
+            self._backlog, self._backlog_costs = [], []
+            self._sending = True
+        nbytes = sum(len(v) for v in views)
+        try:
+            sendall_vectored(self._sock, views)
+            failure = None
+        except OSError as exc:
+            failure = str(exc)
+        with self._send_cond:
+            self._sending = False
+            if failure is None:
+                self._sent += nbytes
+                self._send_cond.notify_all()
+            else:
+                self._break(failure, nbytes)
+                costs += self._backlog_costs  # dropped with the connection
+                self._backlog, self._backlog_costs = [], []
+        for cost in costs:
+            self._window.release(cost)
+        return True
+
+    def _break(self, why: OSError | str, nbytes: int) -> None:
         """(Under _send_cond.) The client is gone: drop later replies, wake whoever waits for
         a send, and make the receive loop see EOF."""
-        log.info("nbd: %d bytes of replies not sent: %s", nbytes, exc)
+        log.info("nbd: %d bytes of replies not sent: %s", nbytes, why)
         self._broken = True
         self._send_cond.notify_all()
         self.stop()

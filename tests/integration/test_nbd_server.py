@@ -1,6 +1,7 @@
 """The NBD export over a real unix socket: our client, backends, and real clients (libnbd, qemu)."""
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -670,6 +672,7 @@ class OneCompleterBackend:
         while True:
             request, done = self.queue.get()
             done(0, bytes([request.handle % 256]) * request.length if request.kind == Command.READ else b"")
+            del request, done  # hold nothing of a connection while waiting
 
 
 def test_a_client_that_does_not_read_holds_up_only_itself(sock_path):
@@ -709,6 +712,27 @@ def test_a_client_leaving_with_replies_unsent_frees_its_connection(sock_path):
         wait_until(lambda: srv.connection_count == 0)
         with connect(sock_path, "") as again:
             assert again.pread(0, 512) == bytes([1]) * 512
+
+
+def test_a_connection_that_broke_with_replies_unsent_is_freed_at_once(sock_path):
+    """Nothing of a connection whose client left with replies backlogged outlives it in a
+    reference cycle (the failed send's traceback held the sender's frame, and with it up to a
+    window of READ payloads, until a full collection of the garbage collector)."""
+    backend = OneCompleterBackend()
+    gc.disable()  # only reference counting frees what this test looks at
+    try:
+        with serve_unix(sock_path, lambda: backend) as srv:
+            client = connect(sock_path, "")
+            wait_until(lambda: srv.connection_count == 1)
+            conn = weakref.ref(next(iter(srv._connections)))  # noqa: SLF001
+            for _ in range(8):
+                client.submit(Command.READ, 0, MiB)
+            wait_until(lambda: backend.submitted == 8)
+            client.close()
+            wait_until(lambda: srv.connection_count == 0)
+            wait_until(lambda: conn() is None)
+    finally:
+        gc.enable()
 
 
 def test_serve_connection_on_a_socketpair(backend):
