@@ -641,12 +641,14 @@ MAX_CONFIG_SIZE = 16 * 1024 * 1024
 
 
 def load(path: str = const.DEFAULT_CONFIG, node_names: tuple[str, ...] | None = None) -> Config:
-    """Read and parse the file at `path`; `node_names` defaults to local_node_names(). A regular
-    file or a pipe (`-c /dev/stdin`); anything else, or more than MAX_CONFIG_SIZE, is refused."""
+    """Read and parse the file at `path`; `node_names` defaults to local_node_names(). Only a
+    regular file of at most MAX_CONFIG_SIZE: a FIFO would block hastd's loop on SIGHUP (opened
+    O_NONBLOCK to find out without blocking) and read as empty, i.e. no resources, once its
+    writer is gone; a device never ends."""
     try:
-        with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ConfigError("not a regular file", path)
             data = file.read(MAX_CONFIG_SIZE + 1)
     except OSError as err:

@@ -1030,6 +1030,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
         md = prov.read_metadata(res.name)
     except HastError as exc:
         log.error("%s", exc)
+        channel.event("refused", reason=str(exc))  # for hastctl list and role primary
         return exc.exit_code
     set_io_flusher()
     if md.resuid == 0:

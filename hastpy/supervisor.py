@@ -622,6 +622,8 @@ class Supervisor:
             "replication": r.replication,
             "checksum": r.checksum,
             "compression": r.compression,
+            "timeout": r.timeout,
+            "metaflush": r.metaflush,
             "workerpid": rs.worker.proc.pid if rs.worker else 0,
             "nbd_socket": self.nbd_path(r.name) if rs.role == "primary" else None,
             "attach": r.attach if rs.att is None else rs.att.method,

@@ -134,28 +134,29 @@ def role(config_path, node, debug, force, role, names) -> None:
     cfg = load_config(config_path, node)
     reply = _call(cfg, {"cmd": "role", "role": role, "resources": list(names), "force": force})
     _exit_on_resource_errors(reply)
-    for r in reply["resources"]:
-        if r["role"] == "primary" and r["previous"] != "primary":
-            _wait_serving(cfg, cfg.resource(r["name"]))
+    codes = [_wait_serving(cfg, cfg.resource(r["name"])) for r in reply["resources"]
+             if r["role"] == "primary" and r["previous"] != "primary"]  # fmt: skip
+    if any(codes):
+        raise SystemExit(next(code for code in codes if code))  # the first error's, as hastctl
 
 
-def _wait_serving(cfg: cfgmod.Config, res: cfgmod.Resource) -> None:
-    """Wait until a new primary serves; exit with its worker's code if it falls back to init.
-    A worker still starting at the deadline (its restart pending after a crash) is said on
-    stderr; the role is primary all the same, so that is not an error."""
+def _wait_serving(cfg: cfgmod.Config, res: cfgmod.Resource) -> int:
+    """Wait until a new primary serves: 0, or its worker's exit code (said on stderr with the
+    reason) if it fell back to init. A worker still starting at the deadline (its restart
+    pending after a crash) is said on stderr; the role is primary all the same: 0."""
     deadline = time.monotonic() + res.timeout + ROLE_READY_MARGIN
     while True:
         st = _call(cfg, {"cmd": "status", "resources": [res.name]})["resources"][0]
         if st["role"] != "primary":
-            why = st.get("worker_error") or "the primary worker stopped"
+            why = (st.get("worker_error") or "the primary worker stopped").rstrip(".")
             click.echo(f"hastctl: {res.name}: {why}; role changed to {st['role']}", err=True)
             code = st.get("worker_exit")
-            raise SystemExit(code if isinstance(code, int) and os.EX_USAGE <= code <= os.EX_CONFIG else os.EX_UNAVAILABLE)
+            return code if isinstance(code, int) and os.EX_USAGE <= code <= os.EX_CONFIG else os.EX_UNAVAILABLE
         if st.get("serving"):
-            return
+            return 0
         if time.monotonic() >= deadline:
             click.echo(f"hastctl: {res.name}: primary, but not serving yet after {res.timeout + ROLE_READY_MARGIN:g} s (see hastctl list)", err=True)
-            return
+            return 0
         time.sleep(ROLE_READY_POLL)
 
 

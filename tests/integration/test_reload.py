@@ -69,7 +69,7 @@ def test_changed_resource_settings_are_applied(make_pair):
     wait_for(lambda: "Configuration reloaded: checksum crc32, compression lzf, timeout 7 s" in pair.b.log.read_text(),
              what="the secondary worker took the settings")  # fmt: skip
     st = pair.a.status()
-    assert (st["checksum"], st["replication"], st["compression"]) == ("crc32", "memsync", "lzf")
+    assert (st["checksum"], st["replication"], st["compression"], st["timeout"]) == ("crc32", "memsync", "lzf", 7)
     assert (st["workerpid"], pair.b.status()["workerpid"]) == pids  # the same workers
     c.pwrite(MiB, b"z" * MiB)  # compressible: lzf on the wire now
     c.pwrite(2 * MiB, os.urandom(MiB))

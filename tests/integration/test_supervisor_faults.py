@@ -55,11 +55,25 @@ def test_primary_worker_that_exits_with_an_error_reverts_to_init(make_pair):
     # or fail, so a script's `role primary && mount` stops here, with the worker's code.
     cp = a.hastctl("role", "primary", "data", check=False)
     assert cp.returncode == os.EX_NOINPUT, cp
-    assert cp.stderr == f"hastctl: data: the primary worker exited with status {os.EX_NOINPUT}; role changed to init\n"
+    why = f"Unable to open {a.disk}: No such file or directory"  # the worker's own reason
+    assert cp.stderr == f"hastctl: data: {why}; role changed to init\n"
     st = wait_for(lambda: (s := a.status())["role"] == "init" and s, REAP_TIMEOUT, what="role back to init")
     assert st["workerpid"] == 0
-    assert st["worker_error"] == f"the primary worker exited with status {os.EX_NOINPUT}"
+    assert st["worker_error"] == f"{why}."
     assert f"Primary worker exited with status {os.EX_NOINPUT}: role changed to init." in a.log.read_text()
+
+
+def test_role_primary_all_waits_for_every_resource_and_returns_the_first_error(make_pair):
+    pair = make_pair(resources=["data", "extra"]).start(connect=False)
+    a = pair.a
+    a.disk_of("data").unlink()
+    for res in pair.resources:
+        pair.b.role("secondary", res)
+    cp = a.hastctl("role", "primary", "all", check=False)
+    assert cp.returncode == os.EX_NOINPUT, cp
+    assert cp.stderr.startswith("hastctl: data: Unable to open ") and cp.stderr.count("\n") == 1
+    st = a.status("extra")  # waited for too: serving when hastctl returned
+    assert (st["role"], st["serving"]) == ("primary", True)
 
 
 def test_workers_ignore_a_hastpy_directory_in_hastds_working_directory(make_pair, tmp_path):

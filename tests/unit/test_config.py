@@ -741,15 +741,23 @@ def test_load_refuses_a_file_over_the_size_limit(tmp_path, monkeypatch):
     assert load(str(path), ("hasta",)).resources[0].remote == "172.16.0.2"
 
 
-def test_load_reads_a_pipe(tmp_path):
-    """`hastctl check-config -c /dev/stdin < hast.conf` or from a pipe."""
-    r, w = os.pipe()
-    os.write(w, HANDBOOK.encode())
-    os.close(w)
+@pytest.mark.parametrize("kind", ["fifo", "pipe"])
+def test_load_refuses_a_pipe_without_waiting_for_it(tmp_path, kind):
+    """A FIFO with no writer would block hastd's loop (SIGHUP) forever, and read as a file of no
+    resources once a writer came and went."""
+    if kind == "fifo":
+        path = str(tmp_path / "hast.conf")
+        os.mkfifo(path)
+        fds = ()
+    else:
+        fds = os.pipe()
+        path = f"/proc/self/fd/{fds[0]}"
     try:
-        assert load(f"/proc/self/fd/{r}", ("hasta",)).resources[0].remote == "172.16.0.2"
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load(path, ("hasta",))
     finally:
-        os.close(r)
+        for fd in fds:
+            os.close(fd)
 
 
 def test_load_reports_undecodable_bytes_as_a_character_error(tmp_path):
