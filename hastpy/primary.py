@@ -330,6 +330,11 @@ class Primary:
         when its next part completes (every mode still marks what the secondary did not confirm
         for resync), a frame is encoded with the checksum and compression of its send (the peer
         decodes each by its own header), and the link's sockets get the new timeout."""
+        if res.metaflush and not self.res.metaflush:
+            # Bits written with metaflush off may still be only in the page cache: durable
+            # before the new promise holds (a write to an extent already marked adds no bitmap
+            # write that would flush them).
+            localio.flush(self.fd)
         self.res = res
         self.mode = res.replication
         link = self.link

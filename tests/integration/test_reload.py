@@ -58,14 +58,21 @@ def test_changed_resource_settings_are_applied(make_pair):
     c = pair.a.client()
     c.pwrite(0, os.urandom(MiB))
     pair.a.params["timeout"] = 7
-    pair.a.params["res_extra"] = {"data": ["checksum crc32", "replication memsync", "compression lzf"]}
+    pair.a.params["res_extra"] = {"data": ["checksum crc32", "replication memsync", "compression lzf", "metaflush off"]}
     pair.write_conf()
     for n in (pair.a, pair.b):
         n.reload()
         _reloaded(n, 1)
         assert "[data] Configuration change handed to the running worker." in n.log.read_text()
-    wait_for(lambda: "Configuration reloaded: replication memsync, checksum crc32, compression lzf, timeout 7 s"
-             in pair.a.log.read_text(), what="the primary worker took the settings")  # fmt: skip
+    wait_for(lambda: "Configuration reloaded: replication memsync, checksum crc32, compression lzf, timeout 7 s,"
+             " metaflush off" in pair.a.log.read_text(), what="the primary worker took the settings")  # fmt: skip
+    assert pair.a.status()["metaflush"] is False
+    c.pwrite(3 * MiB, os.urandom(MiB))  # its extent marked without a flush
+    pair.a.params["res_extra"]["data"].remove("metaflush off")
+    pair.a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+    pair.a.reload()
+    _reloaded(pair.a, 2)
+    wait_for(lambda: "timeout 7 s, metaflush on" in pair.a.log.read_text(), what="metaflush back on")
     wait_for(lambda: "Configuration reloaded: checksum crc32, compression lzf, timeout 7 s" in pair.b.log.read_text(),
              what="the secondary worker took the settings")  # fmt: skip
     st = pair.a.status()
