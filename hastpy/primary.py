@@ -319,6 +319,7 @@ class Primary:
         self.inflight = 0
         self.sync_state = "idle"
         self._connect_error = ""  # the last failed connection's reason, logged once per change
+        self.nbd_clients = 0  # NBD connections being served; guarded by _stats_lock
         # Single-threaded here: no lock needed yet. Everything marked on disk gets resynced.
         self.am.copyin(metadata.read_bitmap(self.fd, self.am.mapsize))
         if self.am.sync_pending_extents:
@@ -343,6 +344,17 @@ class Primary:
         log.info("Configuration reloaded: replication %s, checksum %s, compression %s, timeout %d s, metaflush %s.",
                  res.replication, res.checksum, res.compression, res.timeout, "on" if res.metaflush else "off")  # fmt: skip
 
+    def serve_client(self, conn: socket.socket, frontend: NbdFrontend, export: nbdserver.ExportConfig) -> None:
+        """Serve one NBD connection to its end, counted in `nbd_clients` (leaving primary with
+        `attach none` is refused while there are any)."""
+        with self._stats_lock:
+            self.nbd_clients += 1
+        try:
+            nbdserver.serve_connection(conn, frontend, export)
+        finally:
+            with self._stats_lock:
+                self.nbd_clients -= 1
+
     # -- statistics -----------------------------------------------------------------------------
 
     def count(self, key: str, n: int = 1) -> None:
@@ -363,6 +375,7 @@ class Primary:
             "extentsize": self.md.extentsize,
             "keepdirty": self.md.keepdirty,
             "dirty": dirty,
+            "nbd_clients": self.nbd_clients,
             # "done" is the last pass's outcome; what was written alone since then is "needed".
             "sync": {"state": "needed" if self.sync_state == "done" and tosync else self.sync_state,
                      "pending": tosync, "synced": stats["synced_bytes"]},
@@ -1074,7 +1087,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     frontend = NbdFrontend(p)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=nbdserver.serve_connection, args=(conn, frontend, export), daemon=True).start()
+        threading.Thread(target=p.serve_client, args=(conn, frontend, export), daemon=True).start()
 
 
 class NbdFrontend:

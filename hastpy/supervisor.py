@@ -386,9 +386,16 @@ class Supervisor:
 
     def _detach(self, rs: ResState, force: bool) -> None:
         """Remove /dev/hast/<provname> before the worker stops. DeviceBusy (nothing torn down)
-        if it is mounted or open and not force."""
+        if it is mounted or open and not force, or, with `attach none`, while NBD clients (a
+        QEMU, nbdfuse of the admin's own) are connected to the export: for them the socket is
+        the disk."""
         if rs.att is None:
             return
+        if rs.att.method == "none" and not force:
+            clients = (self.worker_status(rs) or {}).get("nbd_clients", 0)
+            if clients:
+                what = f"{clients} NBD client{'s' if clients > 1 else ''} connected"
+                raise attachmod.DeviceBusy(rs.att.socket_path, what, rs.res.name, "disconnect them first")
         attachmod.detach(rs.att, force=force)
         log.info("[%s] Detached %s.", rs.res.name, rs.att.device or rs.att.method)
         rs.att = None
@@ -602,8 +609,8 @@ class Supervisor:
             elif cmd == "role":
                 try:
                     out.append({"name": name, "previous": self.set_role_one(rs, role, bool(req.get("force"))), "role": role})
-                except attachmod.DeviceBusy as exc:
-                    out.append({"name": name, "error": str(exc), "busy": True})
+                except attachmod.DeviceBusy as exc:  # hastctl names the resource itself
+                    out.append({"name": name, "error": exc.detail, "busy": True})
                 except WorkerStartError as exc:
                     out.append({"name": name, "error": str(exc), "role": rs.role, "exit_code": exc.exit_code})
             else:

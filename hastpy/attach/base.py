@@ -80,11 +80,11 @@ class DeviceBusy(HastError):
 
     exit_code = os.EX_TEMPFAIL
 
-    def __init__(self, device: str, reason: str, name: str = "") -> None:
+    def __init__(self, device: str, reason: str, name: str = "", advice: str = "unmount or close it first") -> None:
         self.device = device
         self.reason = reason
-        prefix = f"{name}: " if name else ""
-        super().__init__(f"{prefix}{device} is busy ({reason}); unmount or close it first")
+        self.detail = f"{device} is busy ({reason}); {advice}"  # without the resource's name
+        super().__init__(f"{name}: {self.detail}" if name else self.detail)
 
 
 # --- The record -------------------------------------------------------------------------------

@@ -208,6 +208,8 @@ def format_list(r: dict) -> str:
             lines.append(f"  attach error: {r['attach_error']}")
         if r.get("nbd_socket"):
             lines.append(f"  nbdsocket: {r['nbd_socket']}")
+        if "nbd_clients" in r:
+            lines.append(f"  nbdclients: {r['nbd_clients']}")
         sync = r.get("sync")
         if sync:
             lines.append(f"  sync: {sync['state']}, {sync['pending']} bytes to go, {sync['synced']} bytes synced")

@@ -393,7 +393,7 @@ def test_leaving_primary_while_mounted_is_refused_then_clean(dev_pair):
 
     refused = a.hastctl("role", "secondary", RES, check=False)
     assert refused.returncode == os.EX_TEMPFAIL, refused
-    assert f"{RES}: {device} is busy (mounted on {mnt}); unmount or close it first" in refused.stderr
+    assert refused.stderr == f"hastctl: {RES}: {device} is busy (mounted on {mnt}); unmount or close it first\n"
     assert "Traceback" not in refused.stderr
 
     # Nothing was torn down: same worker, same device, still mounted and working.

@@ -76,6 +76,41 @@ def test_role_primary_all_waits_for_every_resource_and_returns_the_first_error(m
     assert (st["role"], st["serving"]) == ("primary", True)
 
 
+def test_leaving_primary_with_nbd_clients_connected_is_refused(make_pair):
+    """With `attach none` the socket is the disk (a QEMU's, say): leaving primary while clients
+    are connected is refused as for a mounted /dev/hast/<name> (exit 75, nothing torn down), and
+    so is a reload that would restart the resource (it waits for the next role change)."""
+    pair = make_pair().start()
+    a = pair.a
+    client = a.client()
+    client.pwrite(0, b"q" * 4096)
+    pid = a.status()["workerpid"]
+    assert a.status()["nbd_clients"] == 1 and "nbdclients: 1" in a.hastctl("list", "data").stdout
+
+    cp = a.hastctl("role", "secondary", "data", check=False)
+    assert cp.returncode == os.EX_TEMPFAIL, cp
+    assert cp.stderr == f"hastctl: data: {a.nbd_socket} is busy (1 NBD client connected); disconnect them first\n"
+    a.params["res_extra"] = {"data": ["name other"]}
+    a.write_conf(pair.a.dir, pair.b.dir, pair.ip_a, pair.ip_b)
+    a.reload()
+    wait_for(lambda: "Configuration reloaded, except for data (device busy)." in a.log.read_text(), what="reload")
+    st = a.status()
+    assert (st["role"], st["workerpid"], st["config_pending"]) == ("primary", pid, True)
+    assert client.pread(0, 4096) == b"q" * 4096  # still served, same connection
+
+    client.disconnect()
+    wait_for(lambda: a.status()["nbd_clients"] == 0, what="the client gone")
+    a.role("secondary")
+    assert (a.status()["role"], a.status()["provname"]) == ("secondary", "other")
+
+    pair.b.role("init")
+    a.role("primary")
+    forced = a.client()
+    a.hastctl("role", "--force", "init", "data")  # --force: the client is dropped
+    with pytest.raises(OSError):
+        forced.pread(0, 4096)
+
+
 def test_workers_ignore_a_hastpy_directory_in_hastds_working_directory(make_pair, tmp_path):
     """hastd may run where a directory named hastpy sits (its state directory next to the
     control socket, a checkout): the workers it starts must still import the installed package."""
