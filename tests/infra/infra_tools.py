@@ -109,8 +109,8 @@ def run(argv: list[str], env: dict[str, str], *, cwd: Path = ROOT, timeout: floa
 
 
 def check_stopped_early(cp, change: str) -> None:
-    """site.yml failed in the argument_specs validation of the first play, on both hosts, with
-    nothing changed and the deploy play never started."""
+    """site.yml failed in the first play (argument_specs validation, or a preflight check), on
+    both hosts, with nothing changed and the deploy play never started."""
     __tracebackhide__ = True
     out = cp.stdout + cp.stderr
     message = BAD_INVENTORIES[change][1]
@@ -137,8 +137,8 @@ def bad_inventory(dst: Path, change: str) -> Path:
     return inv
 
 
-# change -> ([(text in inventories/lab/group_vars/hast.yml, its replacement)], the argument_specs
-# message that must stop the run)
+# change -> ([(text in inventories/lab/group_vars/hast.yml, its replacement)], the message (of
+# argument_specs or a preflight check) that must stop the run)
 BAD_INVENTORIES = {
     "unknown-replication": (
         [("    replication: memsync\n", "    replication: bogus\n")],
@@ -152,6 +152,15 @@ BAD_INVENTORIES = {
     "keepalived-missing-vip": (
         [("keepalived_vip: 10.99.0.100\n", "")],
         "missing required arguments: keepalived_vip",
+    ),
+    "vip-outside-subnet": (
+        # A typo in the VIP: the lab's nodes are 10.99.0.1 and .2 on eth0 (a /24).
+        [("keepalived_vip: 10.99.0.100\n", "keepalived_vip: 10.98.0.100\n")],
+        "keepalived_vip 10.98.0.100/24 is not in the subnet of this node",
+    ),
+    "resource-name-with-slash": (
+        [("  - name: data\n    replication: memsync\n", "  - name: da/ta\n    replication: memsync\n")],
+        "Resource names become file names (/dev/hast/<name>): none may contain '/'",
     ),
     "ucarp-missing-interface": (
         [("hastpy_vip_manager: keepalived\n", "hastpy_vip_manager: ucarp\n"), ("ucarp_interface: eth0\n", "")],

@@ -4,7 +4,8 @@ failover by crashing the primary.
 One lab for the module (tests/lab's fixtures, mirrored). In order:
 
 1. A bad inventory (unknown replication mode; a node without an address, i.e. the peer's missing
-   `remote`) stops site.yml in argument validation, and nothing appears on the nodes.
+   `remote`; a VIP outside the nodes' subnet, which needs their real facts) stops site.yml in
+   its first play, and nothing appears on the nodes.
 2. site.yml converges both nodes; a second run reports changed=0; --check reports no change.
 3. The testinfra suite (test_pair.py, `-m "not failover"`) passes against both nodes.
 4. `kill node-a` (SIGKILL of everything in it but sshd): keepalived on node-b takes the VIP and its
@@ -328,7 +329,7 @@ def diagnostics(lab: Lab) -> str:
 # -- the steps ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change", ["unknown-replication", "missing-remote"])
+@pytest.mark.parametrize("change", ["unknown-replication", "missing-remote", "vip-outside-subnet"])
 def test_bad_inventory_stops_before_anything_changes_on_the_nodes(lab, env, work, change):
     had_user = user_exists(HAST_USER)
     cp = playbook(lab, env, inventory=bad_inventory(work, change))
@@ -357,6 +358,25 @@ def test_second_run_changes_nothing(lab, env):
 def test_check_mode_reports_no_change(lab, env):
     needs("converge")
     check_recap(playbook(lab, env, "--check", label="converge --check"), changed_zero=True)
+
+
+def test_switchover_to_the_primary_is_a_no_op(lab, env):
+    """A rerun of switchover.yml after it went through (the target already primary) changes
+    nothing and succeeds."""
+    needs("converge")
+    deadline = time.monotonic() + FAILOVER_WAIT  # the first election's promotion may still run
+    while not (mounted(lab, "node-a") or mounted(lab, "node-b")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    primary = "node-a" if mounted(lab, "node-a") else "node-b"
+    assert mounted(lab, primary), f"{MOUNT} is mounted on neither node\n{diagnostics(lab)}"
+    argv = ["env", "-C", str(ROOT), venv_tool("ansible-playbook"), "-i", str(lab.paths.inventory),
+            "-i", str(INVENTORIES / "lab"), "-e", f"switchover_to={primary}", str(ROOT / "playbooks" / "switchover.yml")]
+    cp = lab.controller(argv, env=env, check=False, timeout=PLAYBOOK_TIMEOUT)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0, f"switchover to the primary {primary} failed:\n{tail(out, 60)}"
+    assert f"{primary} is already primary for every resource: nothing to do." in out, tail(out, 60)
+    assert {h: r["changed"] for h, r in parse_recap(out).items()} == {"node-a": 0, "node-b": 0}, tail(out, 60)
+    assert mounted(lab, primary), f"{MOUNT} is no longer mounted on {primary}\n{diagnostics(lab)}"
 
 
 def test_testinfra_suite_passes_on_both_nodes(lab, env, work):
