@@ -162,8 +162,15 @@ BAD_INVENTORIES = {
         [("  - name: data\n    replication: memsync\n", "  - name: da/ta\n    replication: memsync\n")],
         "Resource names become file names (/dev/hast/<name>): none may contain '/'",
     ),
+    "switch-to-ucarp": (
+        # Only refused on a pair that runs keepalived (NEEDS_A_RUNNING_PAIR).
+        [("hastpy_vip_manager: keepalived\n", "hastpy_vip_manager: ucarp\n")],
+        "keepalived runs for hast on",
+    ),
     "ucarp-missing-interface": (
         [("hastpy_vip_manager: keepalived\n", "hastpy_vip_manager: ucarp\n"), ("ucarp_interface: eth0\n", "")],
         "missing required arguments: ucarp_interface",
     ),
 }
+# Bad only next to what the deploy started: tested against the lab's converged pair alone.
+NEEDS_A_RUNNING_PAIR = frozenset({"switch-to-ucarp"})

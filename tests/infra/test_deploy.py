@@ -360,6 +360,17 @@ def test_check_mode_reports_no_change(lab, env):
     check_recap(playbook(lab, env, "--check", label="converge --check"), changed_zero=True)
 
 
+def test_changing_the_vip_manager_of_the_running_pair_is_refused(lab, env, work):
+    """keepalived runs: an inventory that now says ucarp stops in the first play, before a
+    second VIP manager starts next to it."""
+    needs("converge")
+    cp = playbook(lab, env, inventory=bad_inventory(work, "switch-to-ucarp"))
+    check_stopped_early(cp, "switch-to-ucarp")
+    for n in topo.NODES:
+        daemons = {"keepalived", "ucarp"} & {p.comm for p in lab.processes(n)}
+        assert daemons == {"keepalived"}, f"VIP managers in {n.name}: {daemons}"
+
+
 def test_switchover_to_the_primary_is_a_no_op(lab, env):
     """A rerun of switchover.yml after it went through (the target already primary) changes
     nothing and succeeds."""
