@@ -377,29 +377,31 @@ def next_read_ahead(current: int, request: Request) -> int:
 def send_without_waiting(sock: socket.socket, views: list[memoryview]) -> int:
     """Send as much of `views` as the socket takes now (MSG_DONTWAIT); returns the bytes sent
     and leaves in `views` what is left, the first view cut where the socket filled."""
-    sent_total = 0
-    while views:
-        try:
-            sent = sock.sendmsg(views[:MAX_IOV], (), socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            break
-        sent_total += sent
-        while views and sent >= len(views[0]):
-            sent -= len(views.pop(0))
-        if sent:
-            views[0] = views[0][sent:]
-    return sent_total
+    return _send_views(sock, views, socket.MSG_DONTWAIT)
 
 
 def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every buffer in order with sendmsg, without joining them into one big copy."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    _send_views(sock, [memoryview(b).cast("B") for b in buffers if len(b)], 0)
+
+
+def _send_views(sock: socket.socket, views: list[memoryview], flags: int) -> int:
+    """sendmsg `views` in order, MAX_IOV at a time, consuming them; with MSG_DONTWAIT, stop
+    where the socket is full. Returns the bytes sent."""
+    total = 0
     while views:
-        sent = sock.sendmsg(views[:MAX_IOV])
+        try:
+            sent = sock.sendmsg(views[:MAX_IOV], (), flags)
+        except BlockingIOError:
+            if not flags & socket.MSG_DONTWAIT:
+                raise
+            break
+        total += sent
         while views and sent >= len(views[0]):
             sent -= len(views.pop(0))
         if sent:
             views[0] = views[0][sent:]
+    return total
 
 
 _held = threading.local()  # .replies: {connection: [(buffers, cost)]} of a thread holding replies
