@@ -97,8 +97,10 @@ class Link:
     once, so each write's remote half is resolved and marked for resync if it did not succeed.
     """
 
-    def __init__(self, primary: Primary, out: socket.socket, inn: socket.socket, version: int, maxio: int):
+    def __init__(self, primary: Primary, out: socket.socket, inn: socket.socket, version: int, maxio: int,
+                 peer: tuple[str, str | None]):  # fmt: skip
         self.p = primary
+        self.peer = peer  # (remote, source) it was connected with: a reload may change res's
         self.out = out
         self.inn = inn
         self.version = version
@@ -199,7 +201,7 @@ class Link:
                 pass
             s.close()
         self.sendq.put(None)
-        log.warning("Disconnected from %s: %s.", self.p.res.remote, why)
+        log.warning("Disconnected from %s: %s.", self.peer[0], why)
         for cb in pending.values():
             cb(errno.ENOTCONN, False, None)
         self.p.on_disconnect(self)
@@ -312,6 +314,7 @@ class Primary:
         self._sync_wanted = threading.Event()
         self._clear_wanted = threading.Event()  # finished writes left bits to clear on disk
         self._stop = threading.Event()
+        self._guard_wake = threading.Event()  # a reload changed the peer: guard() acts now
         self._stats_lock = threading.Lock()
         self.stats = dict.fromkeys(("reads", "writes", "deletes", "flushes", "activemap_updates", "read_errors",
                                     "write_errors", "delete_errors", "flush_errors", "remote_errors",
@@ -336,11 +339,19 @@ class Primary:
             # before the new promise holds (a write to an extent already marked adds no bitmap
             # write that would flush them).
             localio.flush(self.fd)
+        reconnect = (res.remote, res.source) != (self.res.remote, self.res.source)
         self.res = res
         self.mode = res.replication
         link = self.link
         if link is not None:
             link.set_timeout(res.timeout)
+        if reconnect:
+            # hastd's primary reconnects; here the guard thread does, as the only one that
+            # makes links. Writes the old peer did not confirm are marked for resync as on any
+            # disconnection, and the new peer gets them (or all, if it is new) by the sync.
+            log.info("Remote address changed to %s%s: reconnecting.", res.remote,
+                     f" (source {res.source})" if res.source else "")  # fmt: skip
+            self._guard_wake.set()
         log.info("Configuration reloaded: replication %s, checksum %s, compression %s, timeout %d s, metaflush %s.",
                  res.replication, res.checksum, res.compression, res.timeout, "on" if res.metaflush else "off")  # fmt: skip
 
@@ -857,7 +868,7 @@ class Primary:
         self.flush_bitmap()
         set_timeout(out, res.timeout)
         set_timeout(inn, res.timeout)
-        return Link(self, out, inn, version, maxio)
+        return Link(self, out, inn, version, maxio, (res.remote, res.source))
 
     def try_connect(self, timeout: float) -> str:
         """"connected", "wait" (the peer is still primary), "split-brain" or "failed"."""
@@ -878,20 +889,28 @@ class Primary:
         with self._link_lock:
             self.link = link
         link.start()
-        log.info("Connected to %s (protocol %d, %s).", self.res.remote, link.version,
+        log.info("Connected to %s (protocol %d, %s).", link.peer[0], link.version,
                  "syncsrc=secondary" if self.syncsrc == syncdecide.SYNCSRC_SECONDARY else "syncsrc=primary")  # fmt: skip
         self.channel.event("connect")
         self._sync_wanted.set()
         return "connected"
 
     def guard(self) -> None:
+        """Keeps the link to the configured peer: connects while there is none, and replaces
+        one made to an address a reload changed (the only thread that makes links, so a
+        handshake begun with the old address is dropped here too, on the next round)."""
         while not self._stop.is_set():
             wait = RECONNECT_INTERVAL
-            if self.link is None and self.try_connect(self.res.timeout) == "split-brain":
+            res, link = self.res, self.link
+            if link is not None and link.peer != (res.remote, res.source):
+                link.close(f"the configuration names {res.remote} now")
+                link = None
+            if link is None and res.remote != const.REMOTE_NONE and self.try_connect(res.timeout) == "split-brain":
                 # Each attempt fires the split-brain hook on both nodes: retry at hastd's pace
                 # (its guard runs every 10 s), not every second, until an operator resolves it.
                 wait = SPLIT_BRAIN_RETRY
-            self._stop.wait(wait)
+            self._guard_wake.wait(wait)
+            self._guard_wake.clear()
 
     # -- synchronization ------------------------------------------------------------------------
 

@@ -91,6 +91,11 @@ class ResState:
 # leaves the worker, its NBD clients, its peer connection and its device alone.
 HOOK_FIELDS = ("exec", "hook_timeout")
 LIVE_FIELDS = ("replication", "checksum", "compression", "timeout", "metaflush")
+# The peer's address and our source address: a running primary takes them as hastd's does, by
+# dropping its connection and reconnecting (a secondary is restarted: it has no device to keep,
+# and its new primary reconnects). So a primary whose device is mounted can be given a new
+# secondary without leaving primary.
+RECONNECT_FIELDS = ("remote", "source")
 
 
 class Supervisor:
@@ -823,7 +828,8 @@ class Supervisor:
                 rs.res = r  # only hastd runs hooks: nothing to restart
                 log.info("[%s] Hook settings changed.", name)
                 continue
-            if replace(rs.res, **{f: getattr(r, f) for f in HOOK_FIELDS + LIVE_FIELDS}) == r:
+            live = HOOK_FIELDS + LIVE_FIELDS + (RECONNECT_FIELDS if rs.role == "primary" else ())
+            if replace(rs.res, **{f: getattr(r, f) for f in live}) == r:
                 rs.res = r  # a worker started from now on has them from its spec
                 self._reconfigure_worker(rs)
                 continue
@@ -849,8 +855,9 @@ class Supervisor:
             log.info("Configuration reloaded.")
 
     def _reconfigure_worker(self, rs: ResState) -> None:
-        """Hand the running worker (if any) rs.res's LIVE_FIELDS. One that cannot be told has
-        gone away: _reap restarts it, from rs.res."""
+        """Hand the running worker (if any) rs.res's LIVE_FIELDS (and a primary's
+        RECONNECT_FIELDS). One that cannot be told has gone away: _reap restarts it, from
+        rs.res."""
         w = rs.worker
         if w is None:
             log.info("[%s] Configuration changed.", rs.res.name)

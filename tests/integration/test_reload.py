@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 
 from harness import MiB, free_subnet, sha, wait_for
+
+from hastpy.primary import RECONNECT_INTERVAL
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +108,44 @@ def test_a_changed_device_setting_restarts_the_resource(make_pair):
     c.flush()
     c.disconnect()
     assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_a_primary_takes_a_new_remote_address_by_reconnecting(make_pair):
+    """hastd's primary takes a changed `remote` on SIGHUP by reconnecting, not by leaving
+    primary: the worker, its NBD client and its device stay; `remote none` stops the connection
+    attempts; what was written meanwhile reaches the peer by resync once it is named again."""
+    pair = make_pair(size=32 * MiB).start()
+    a = pair.a
+    pid = a.status()["workerpid"]
+    c = a.client()
+    c.pwrite(0, os.urandom(MiB))
+
+    def point_a_at(remote: str, count: int) -> None:
+        pair.write_conf()
+        a.conf.write_text(a.conf.read_text().replace(f"remote {pair.ip_b}\n", f"remote {remote}\n"))
+        a.reload()
+        _reloaded(a, count)
+
+    point_a_at("none", 1)
+    wait_for(lambda: f"Disconnected from {pair.ip_b}: the configuration names none now." in a.log.read_text(),
+             what="the old connection dropped")  # fmt: skip
+    assert "Configuration change not applied yet" not in a.log.read_text()  # not held for the client
+    st = a.status()
+    assert (st["workerpid"], st["status"], st["remoteaddr"], st["config_pending"]) == (pid, "degraded", "none", False)
+    c.pwrite(4 * MiB, os.urandom(MiB))  # degraded: marked for the next peer
+    time.sleep(3 * RECONNECT_INTERVAL)
+    assert "Unable to connect to none" not in a.log.read_text()  # `none` is never resolved
+    nowhere = pair.ip_a.rsplit(".", 1)[0] + ".3"  # the pair's subnet, nobody listening
+    point_a_at(nowhere, 2)
+    wait_for(lambda: f"Unable to connect to {nowhere}" in a.log.read_text(), what="attempts at the new address")
+    c.pwrite(8 * MiB, os.urandom(MiB))
+    point_a_at(pair.ip_b, 3)
+    wait_for(lambda: a.log.read_text().count(f"Connected to {pair.ip_b}") == 2, what="reconnected to the secondary")
+    pair.wait_synced()
+    c.flush()
+    c.disconnect()  # the same connection all along
+    assert a.status()["workerpid"] == pid
+    assert sha(a.data()) == sha(pair.b.data())
 
 
 def test_removed_resource_goes_to_init_with_a_role_hook(make_pair, tmp_path):
