@@ -28,6 +28,7 @@ from hastpy import attach as attachmod
 from hastpy import config as cfgmod
 from hastpy import constants as const
 from hastpy import control, provider
+from hastpy.activemap import ActiveMap
 from hastpy.errors import AlreadyRunning, ConfigError, ControlError, HastError, HostError, NvError, ProtocolError
 from hastpy.hooks import HookRunner
 from hastpy.proto import messages as msg
@@ -937,14 +938,22 @@ def add_provider_metadata(reply: dict) -> None:
     provider's metadata, for the status rows no worker answered for: role init, a secondary
     waiting for its primary. So `hastctl list` says whether a node's data is marked inconsistent
     before anyone tries to promote it. Runs on the control client's thread, not in hastd's loop:
-    a read from a failing disk may block for long, and must not stop hastd."""
+    a read from a failing disk may block for long, and must not stop hastd.
+
+    A primary whose worker has not answered (it is still connecting to its peer, or restarts
+    after a crash) gets `dirty` from the bitmap on disk: what that worker will resync, where
+    hastctl would otherwise say 0."""
     for row in reply.get("resources", []):
         if "error" in row or "inconsistent" in row or not row.get("localpath"):
             continue
         try:
             with provider.open_provider(row["localpath"], writable=False) as prov:
                 md = prov.read_metadata(row["name"])
-        except (OSError, HastError) as exc:
+                if row.get("role") == "primary":
+                    am = ActiveMap(md.datasize, md.extentsize, md.keepdirty, prov.sectorsize, const.MAXPHYS)
+                    am.copyin(prov.read_bitmap(am.mapsize))
+                    row["dirty"] = am.dirty_bytes
+        except (OSError, HastError, ValueError) as exc:  # ValueError: a geometry the map refuses
             row["metadata_error"] = str(exc)
             continue
         row["inconsistent"] = md.inconsistent

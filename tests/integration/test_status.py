@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 
 import pytest
 
@@ -228,3 +229,29 @@ def test_without_a_worker_status_reads_the_provider_metadata(make_pair):
         assert f"metadata error: Unable to open {st['localpath']}" in a.hastctl("list", "data").stdout
     finally:
         os.rename(moved, st["localpath"])
+
+
+def test_a_primary_whose_worker_does_not_answer_shows_the_dirty_bytes_on_disk(make_pair):
+    """A primary worker that is busy connecting or restarting cannot be asked: `dirty` is then
+    read from the bitmap on disk (what that worker will resync), not left out or shown as 0."""
+    pair = make_pair(size=64 * MiB).start()
+    pair.b.stop()
+    a = pair.a
+    wait_for(lambda: a.status()["status"] == "degraded", what="degraded")
+    c = a.client()
+    for ext in (0, 5, 9):  # extentsize 2 MiB: three extents written alone
+        c.pwrite(ext * 2 * MiB + 4096, os.urandom(4096))
+    c.flush()
+    c.disconnect()
+    live = _list_json(a)["dirty"]
+    assert live == 3 * 2 * MiB
+    pid = a.status()["workerpid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        st = _list_json(a)  # the worker's answer times out
+        assert "statistics" not in st and st["workerpid"] == pid
+        assert st["dirty"] == live
+        assert f"dirty: {live} (6.0MB)" in a.hastctl("list").stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _list_json(a)["statistics"]["writes"] == 3
