@@ -29,7 +29,11 @@ Prints the median over --runs of MB/s (10^6 B/s) or IOPS per target, the ratio h
 against the issue #4 targets, and the CPU time the servers spent per MiB (seq, dd) or per write
 (rand): both hastd workers vs nbdkit, and each target's nbdfuse. Bytes and writes are counted
 at the loop device (/sys/block/loopN/stat), so fio's ramp time is in both numerator and
-denominator of the CPU figures.
+denominator of the CPU figures. It also prints the whole machine's CPU per MiB or per write
+(/proc/stat: softirq and kernel threads included, which no process's time shows) and how busy
+the machine was, and, for seq, the ceiling any server that keeps a second copy over TCP could
+reach behind this stack: the nbdkit arm's machine CPU per MiB plus what floor.py measures a
+second copy to cost.
 
 Cleans up on exit, on errors, on Ctrl-C and on SIGTERM: loop devices, FUSE mounts, nbdfuse,
 nbdkit, both hastd, the temporary directory; then checks that nothing of it is left.
@@ -50,6 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from floor import busy_seconds, median_cost
 from seqwrite import GiB, MiB, HastPair, Nbdkit, cpu_seconds, wait_for
 
 from hastpy.attach import attach, cleanup_stale, detach, leftovers
@@ -75,6 +80,11 @@ RAND_IODEPTH = 16
 # fio's first second (thread start, filling the queue, the first extents' bitmap writes) is
 # left out of its MB/s and IOPS.
 FIO_RAMP = 1
+# The per-process CPU labels that are not NBD servers: left out of the servers' sums.
+NOT_SERVERS = ("nbdfuse", "machine")
+# floor.py's second-copy cost, measured after the runs: 1 GiB, three times (about 3 s).
+FLOOR_MIB = 1024
+FLOOR_RUNS = 3
 # fio must finish within runtime + ramp + this: it only has to drain iodepth requests at the
 # end. Longer means a hung device, which must fail the benchmark rather than hang it.
 FIO_GRACE = 120.0
@@ -146,10 +156,13 @@ class Target:
 
 
 class Measure:
-    """One run of one test on one target: result, CPU per MiB and per write of each process."""
+    """One run of one test on one target: result, CPU per MiB and per write of each process and
+    of the whole machine ("machine": /proc/stat, so softirq and kernel threads count too, which
+    no process's own time shows), and the fraction of the machine that was busy."""
 
-    def __init__(self, value: float, cpu: dict[str, float], nbytes: int, writes: int):
+    def __init__(self, value: float, cpu: dict[str, float], nbytes: int, writes: int, busy: float):
         self.value = value
+        self.busy = busy
         self.cpu_ms_per_mib = {k: v * 1000 / (nbytes / MiB) for k, v in cpu.items()} if nbytes else {}
         self.cpu_us_per_write = {k: v * 1e6 / writes for k, v in cpu.items()} if writes else {}
 
@@ -192,10 +205,11 @@ def dd(src: Path, device: str, mib: int) -> float:
 
 def measure(test: str, target: Target, args, src: Path | None) -> Measure:
     run_cmd(["sync", "-f", str(args.root)], SYNC_TIMEOUT)
-    cpu0, (w0, b0) = target.cpu(), target.disk_stat()
+    cpu0, (w0, b0), t0 = {**target.cpu(), "machine": busy_seconds()}, target.disk_stat(), time.monotonic()
     value = dd(src, target.device, args.mib) if test == "dd" else fio(test, target.device, args.mib, args.runtime)
-    cpu1, (w1, b1) = target.cpu(), target.disk_stat()
-    return Measure(value, {k: cpu1[k] - cpu0[k] for k in cpu0}, b1 - b0, w1 - w0)
+    cpu1, (w1, b1), t1 = {**target.cpu(), "machine": busy_seconds()}, target.disk_stat(), time.monotonic()
+    busy = (cpu1["machine"] - cpu0["machine"]) / ((t1 - t0) * (os.cpu_count() or 1))
+    return Measure(value, {k: cpu1[k] - cpu0[k] for k in cpu0}, b1 - b0, w1 - w0, busy)
 
 
 # --- Set-up and clean-up ----------------------------------------------------------------------
@@ -286,10 +300,31 @@ def report(results: dict[tuple[str, str], list[Measure]], tests: list[str], args
             runs = [getattr(m, attr) for m in results[(tgt, t)]]
             labels = list(runs[0]) if runs and runs[0] else []
             vals = {lab: med(r[lab] for r in runs) for lab in labels}
-            servers = " + ".join(f"{lab} {v:.2f}" for lab, v in vals.items() if lab != "nbdfuse")
-            total = sum(v for lab, v in vals.items() if lab != "nbdfuse")
+            servers = " + ".join(f"{lab} {v:.2f}" for lab, v in vals.items() if lab not in NOT_SERVERS)
+            total = sum(v for lab, v in vals.items() if lab not in NOT_SERVERS)
             parts.append(f"{tgt}: {servers} = {total:.2f} (its nbdfuse {vals.get('nbdfuse', 0):.2f})")
         print(f"    {t:5s} {per:9s} " + ";  ".join(parts))
+    print("  machine CPU, everything included (median), and how busy the machine was:")
+    for t in tests:
+        per, attr = ("ms/MiB", "cpu_ms_per_mib") if t != "rand" else ("us/write", "cpu_us_per_write")
+        parts = [f"{tgt} {med(getattr(m, attr)['machine'] for m in results[(tgt, t)]):.2f} "
+                 f"({med(m.busy for m in results[(tgt, t)]):.0%} busy)" for tgt in ("hast", "nbdkit")]  # fmt: skip
+        print(f"    {t:5s} {per:9s} " + ";  ".join(parts))
+    if "seq" in tests:
+        ceiling(results, args)
+
+
+def ceiling(results: dict[tuple[str, str], list[Measure]], args) -> None:
+    """How close any server that keeps a second copy over TCP could come to nbdkit on seq: the
+    nbdkit arm's machine CPU per MiB plus floor.py's cost of a second copy, at the nbdkit arm's
+    busy level and at a fully busy machine (floor.py's docstring has the reasoning)."""
+    kit = results[("nbdkit", "seq")]
+    m = med(x.cpu_ms_per_mib["machine"] for x in kit)
+    b = med(x.busy for x in kit)
+    f = median_cost(FLOOR_MIB, args.mib, FLOOR_RUNS, str(args.root))
+    print(f"  a second copy over loopback TCP costs at least {f:.2f} ms of machine CPU per MiB (floor.py):")
+    print(f"    seq ceiling for a replicating server behind this stack: {m / (m + f):.2f} of nbdkit at its "
+          f"{b:.0%} busy, {min(1.0, m / ((m + f) * b)):.2f} with the machine fully busy")  # fmt: skip
 
 
 # --- Main -------------------------------------------------------------------------------------
