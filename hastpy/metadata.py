@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import secrets
 from dataclasses import dataclass
 
 from hastpy.constants import (
@@ -69,7 +70,7 @@ _HN_PREFIXES = ("", "K", "M", "G", "T", "P", "E")
 @dataclass(frozen=True, slots=True)
 class Metadata:
     """The nine fields hastd stores, under hastd's nv names except ``offset`` (hastd's localoff),
-    and one of hastpy's.
+    and three of hastpy's.
 
     resuid 0 means the resource never connected to a peer; localcnt/remotecnt are the generation
     counters of reference §7.2; prevrole is informational ("init", "primary" or "secondary").
@@ -80,6 +81,13 @@ class Metadata:
     serve its data on its own (hastctl role --force overrides). Stored as an extra nv field only
     while set, so that a block without it is byte for byte what hastd writes (hastd ignores
     fields it does not read).
+
+    replicaid, peerid (hastpy): this copy's own random ID (0 until its first worker start), and
+    the ID of the copy it last replicated with (0: none yet). The counters say how two copies
+    stand to each other only if each is the other's peer; a primary that replicated to a third
+    copy since (a replaced secondary) has moved on without the old one, which then has the same
+    resuid and counters as if it were in step. The handshake refuses such a pair
+    (syncdecide.REPLICA_MISMATCH_ERRMSG). Stored like `inconsistent`, only when not 0.
     """
 
     resource: str
@@ -92,6 +100,8 @@ class Metadata:
     remotecnt: int = 0
     prevrole: str = "init"
     inconsistent: bool = False
+    replicaid: int = 0
+    peerid: int = 0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -131,6 +141,9 @@ class Metadata:
         )
         if self.inconsistent:
             nv.add_uint8(INCONSISTENT_FIELD, 1)
+        for name in REPLICA_FIELDS:
+            if getattr(self, name):
+                nv.add_uint64(name, getattr(self, name))
         raw = nv.encode()
         # hastd asserts the list is strictly shorter than the block; the resource name limit
         # keeps us far below it, so this only guards against a future field.
@@ -155,9 +168,15 @@ class Metadata:
         fields = {name: _field(nv, name, typ) for name, typ in _FIELDS}
         try:
             flag = nv.get(INCONSISTENT_FIELD, NvType.UINT8)
+            ids = {name: nv.get(name, NvType.UINT64) or 0 for name in REPLICA_FIELDS}
         except NvError as e:
             raise MetadataError(f"metadata is damaged: {e}") from None
-        return cls(**fields, inconsistent=bool(flag))
+        return cls(**fields, inconsistent=bool(flag), **ids)
+
+
+def new_replica_id() -> int:
+    """A random, non-zero Metadata.replicaid."""
+    return secrets.randbits(64) or 1
 
 
 def decode(raw: bytes | bytearray | memoryview) -> Metadata:
@@ -184,6 +203,8 @@ _FIELDS = (
 
 # hastpy's own field (see Metadata.inconsistent): optional, written only while set.
 INCONSISTENT_FIELD = "inconsistent"
+# hastpy's own uint64 fields (see Metadata.replicaid): optional, written only when not 0.
+REPLICA_FIELDS = ("replicaid", "peerid")
 
 
 def _field(nv: NvList, name: str, typ: NvType) -> object:
@@ -204,7 +225,7 @@ def _validate(md: Metadata) -> None:
         raise MetadataError(f"metadata is invalid: extentsize {md.extentsize} is not a power of 2")
     _check_int("keepdirty", md.keepdirty, 1, MAX_KEEPDIRTY)
     _check_int("offset", md.offset, BITMAP_OFFSET + 1, MAX_OFF - md.datasize)
-    for name in ("resuid", "localcnt", "remotecnt"):
+    for name in ("resuid", "localcnt", "remotecnt", *REPLICA_FIELDS):
         _check_int(name, getattr(md, name), 0, UINT64_MAX)
     if not isinstance(md.inconsistent, bool):
         raise MetadataError(f"metadata is invalid: inconsistent must be a bool, not {md.inconsistent!r}")
@@ -500,6 +521,8 @@ def format_dump(md: Metadata) -> str:
         f"    remotecnt: {md.remotecnt}\n"
         f"    prevrole: {md.prevrole}\n"
         + ("    inconsistent: yes (a synchronization to this node did not finish)\n" if md.inconsistent else "")
+        + (f"    replicaid: {md.replicaid:016x}\n" if md.replicaid else "")  # hastpy: the copy IDs a
+        + (f"    peerid: {md.peerid:016x}\n" if md.peerid else "")  # replica mismatch names
     )
 
 
@@ -516,6 +539,8 @@ def dump_dict(md: Metadata) -> dict[str, object]:
         "remotecnt": md.remotecnt,
         "prevrole": md.prevrole,
         "inconsistent": md.inconsistent,
+        "replicaid": md.replicaid,
+        "peerid": md.peerid,
     }
 
 

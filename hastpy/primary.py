@@ -339,7 +339,8 @@ class Primary:
             # before the new promise holds (a write to an extent already marked adds no bitmap
             # write that would flush them).
             localio.flush(self.fd)
-        reconnect = (res.remote, res.source) != (self.res.remote, self.res.source)
+        old = self.res
+        reconnect = (res.remote, res.source) != (old.remote, old.source)
         self.res = res
         self.mode = res.replication
         link = self.link
@@ -349,8 +350,8 @@ class Primary:
             # hastd's primary reconnects; here the guard thread does, as the only one that
             # makes links. Writes the old peer did not confirm are marked for resync as on any
             # disconnection, and the new peer gets them (or all, if it is new) by the sync.
-            log.info("Remote address changed to %s%s: reconnecting.", res.remote,
-                     f" (source {res.source})" if res.source else "")  # fmt: skip
+            change = _peer_change(res, old)
+            log.info("%s%s: %s.", change[:1].upper(), change[1:], "disconnecting" if res.remote == const.REMOTE_NONE else "reconnecting")
             self._guard_wake.set()
         log.info("Configuration reloaded: replication %s, checksum %s, compression %s, timeout %d s, metaflush %s.",
                  res.replication, res.checksum, res.compression, res.timeout, "on" if res.metaflush else "off")  # fmt: skip
@@ -814,9 +815,10 @@ class Primary:
                 self.link = None
         self.channel.event("disconnect")
 
-    def handshake(self, timeout: float) -> Link:
-        """§4.1 from the primary's side. Raises RemoteError / HastError with hastd's messages."""
-        res = self.res
+    def handshake(self, timeout: float, res: Resource | None = None) -> Link:
+        """§4.1 from the primary's side (with res, default self.res). Raises RemoteError /
+        HastError with hastd's messages."""
+        res = res or self.res
         out = connect(res.remote, res.source, timeout)
         inn = None
         try:
@@ -830,7 +832,8 @@ class Primary:
             resuid = self.md.resuid or (secrets.randbits(64) or 1)
             inn = connect(res.remote, res.source, timeout)
             inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
-                                  localcnt=self.md.localcnt, remotecnt=self.md.remotecnt)  # fmt: skip
+                                  localcnt=self.md.localcnt, remotecnt=self.md.remotecnt,
+                                  replicaid=self.md.replicaid, peerid=self.md.peerid)  # fmt: skip
             send_frame(inn, version, inhello.to_nv())
             frame = recv_one(out, version)
             info = msg.decode_secondary_info(frame.nv)
@@ -841,6 +844,10 @@ class Primary:
                 raise RemoteError(info.errmsg)
             if info.datasize != self.datasize or info.extentsize != self.md.extentsize:
                 raise RemoteError(f"Data size differs between nodes (local={self.datasize}, remote={info.datasize}).")
+            if self.md.inconsistent and info.syncsrc != syncdecide.SYNCSRC_SECONDARY:
+                # Only the copy this one was being synchronized from can finish that: copying
+                # our half-old data to another (a fresh disk) would pass the damage on.
+                raise RemoteError(STALE_SOURCE_ERRMSG)
             bitmap = b""
             if len(frame.payload):
                 bitmap = pipeline.decode_payload(frame.payload, frame.nv)
@@ -852,6 +859,12 @@ class Primary:
             raise
         if virgin:
             self.write_md(resuid=resuid)
+        if info.replicaid and info.replicaid != self.md.peerid:
+            # Before the first write goes to it: from here on the copy we last replicated with,
+            # if another, misses writes, and its handshake is refused (syncdecide).
+            log.info("Replicating with copy %016x from now on (was %s).", info.replicaid,
+                     f"copy {self.md.peerid:016x}" if self.md.peerid else "none known")  # fmt: skip
+            self.write_md(peerid=info.replicaid)
         self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
         self.syncsrc = info.syncsrc
         if info.syncsrc == syncdecide.SYNCSRC_SECONDARY and not self.md.inconsistent:
@@ -872,8 +885,9 @@ class Primary:
 
     def try_connect(self, timeout: float) -> str:
         """"connected", "wait" (the peer is still primary), "split-brain" or "failed"."""
+        res = self.res  # a reload may replace self.res meanwhile: say where this attempt went
         try:
-            link = self.handshake(timeout)
+            link = self.handshake(timeout, res)
         except WaitForPeer as exc:
             log.info("%s Waiting.", exc)
             return "wait"
@@ -882,7 +896,7 @@ class Primary:
             # (a refusal such as a resource unique ID mismatch must be seen without -d).
             reason = str(exc)
             level = logging.WARNING if reason != self._connect_error else logging.DEBUG
-            log.log(level, "Unable to connect to %s: %s", self.res.remote, reason)
+            log.log(level, "Unable to connect to %s: %s", res.remote, reason)
             self._connect_error = reason
             return "split-brain" if reason == SPLIT_BRAIN_ERRMSG else "failed"
         self._connect_error = ""
@@ -903,7 +917,7 @@ class Primary:
             wait = RECONNECT_INTERVAL
             res, link = self.res, self.link
             if link is not None and link.peer != (res.remote, res.source):
-                link.close(f"the configuration names {res.remote} now")
+                link.close(_peer_change(res, link.peer))
                 link = None
             if link is None and res.remote != const.REMOTE_NONE and self.try_connect(res.timeout) == "split-brain":
                 # Each attempt fires the split-brain hook on both nodes: retry at hastd's pace
@@ -1007,14 +1021,16 @@ class Primary:
             log.info("Nodes are in sync.")
         if link.closed:
             return
+        # Only a pass from the secondary brings our data up to date (handshake() refuses to be
+        # the source while marked; this keeps the mark if that ever changed).
+        was_stale = self.md.inconsistent and self.syncsrc == syncdecide.SYNCSRC_SECONDARY
         self.syncsrc = syncdecide.SYNCSRC_UNDEF
         self.sync_state = "done"
         after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
-        was_stale = self.md.inconsistent
         if was_stale:
             localio.flush(self.fd)  # the synced data durable before the mark goes
         if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
-            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt, inconsistent=False)
+            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt, inconsistent=self.md.inconsistent and not was_stale)
         if was_stale:
             log.info("Local data is up to date again.")
         link.send_syncdone()
@@ -1056,6 +1072,20 @@ def _stale_data_refusal(p: Primary, force: bool) -> str | None:
             f"'hastctl role --force primary {p.res.name}'.")  # fmt: skip
 
 
+def _peer_change(res: Resource, old) -> str:
+    """What a reload changed of the peer's address or ours, from `old` (a Resource or a link's
+    (remote, source)), for the log."""
+    remote, source = (old.remote, old.source) if isinstance(old, Resource) else old
+    if res.remote != remote:
+        return f"remote address changed to {res.remote}"
+    return f"source address changed to {res.source or 'any'}"
+
+
+STALE_SOURCE_ERRMSG = ("local data is inconsistent (a synchronization to this node did not finish) and this peer "
+                       "would synchronize from it; connect to the copy it was synchronizing from, or make that "
+                       "copy primary")  # fmt: skip
+
+
 class WaitForPeer(Exception):
     """The peer is still primary for the resource (hastd's `wait` reply)."""
 
@@ -1072,7 +1102,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     set_io_flusher()
     if md.resuid == 0:
         md = replace(md, localcnt=0, remotecnt=0)
-    md = replace(md, prevrole="primary")
+    md = replace(md, prevrole="primary", replicaid=md.replicaid or metadata.new_replica_id())
     metadata.write_metadata(prov.fd, md)
     localio.flush(prov.fd)
     p = Primary(res, prov, md, channel)

@@ -41,8 +41,9 @@ DISK_THREADS = 8
 # (a hastd primary sends one every 10 s). A v3 (hastpy) primary keeps the link busier, and its
 # secondary gives up after the resource's `timeout` instead (primary.keepalive_interval).
 HASTD_RECV_TIMEOUT = 2 * const.KEEPALIVE_INTERVAL
-# Fault injection for tests of the acknowledgement point: while the file this variable names
-# exists, disk writes wait (after the memsync "received" ack has gone out). Unset in production.
+# Fault injection for tests of the acknowledgement point and of held synchronizations: while the
+# file this variable names exists, disk writes (after the memsync "received" ack has gone out)
+# and reads wait. Unset in production.
 TEST_HOLD_ENV = "HASTPY_TEST_HOLD_DISK"
 _HOLD_POLL = 0.01
 
@@ -151,6 +152,7 @@ class Secondary:
         error, out = 0, None
         try:
             if req.cmd == msg.Cmd.READ:
+                self._test_hold()
                 out = localio.pread_full(self.fd, req.length, self.localoff + req.offset)
             elif req.cmd == msg.Cmd.WRITE:
                 self._test_hold()
@@ -278,9 +280,12 @@ def _exists_at(dir_fd: int, name: str) -> bool:
 
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
     """Decide the sync direction (hast.md §7.2), answer the primary; None when refused."""
+    if not md.replicaid:
+        md = replace(md, replicaid=metadata.new_replica_id())  # written below, with the rest
     d = syncdecide.decide(
-        secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt),
-        primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"]),
+        secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt, md.replicaid, md.peerid),
+        primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),
+                                    hs.get("peerid", 0)),  # fmt: skip
         virgin=hs.get("virgin", False),
     )
     if d.refused:
@@ -298,7 +303,8 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # sync is done (msg.Request.syncdone), this disk is not a copy to fail over to.
         log.warning("Local data is older than the primary's: it is marked inconsistent until the synchronization completes.")
         md = replace(md, inconsistent=True)
-    md = replace(md, prevrole="secondary")
+    # From the first request on this copy replicates with that primary's: durable before it.
+    md = replace(md, prevrole="secondary", peerid=hs.get("replicaid", 0) or md.peerid)
     metadata.write_metadata(prov.fd, md)
     localio.flush(prov.fd)
     mapsize = md.offset - const.METADATA_SIZE
@@ -318,6 +324,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         syncsrc=d.syncsrc,
         mapsize=len(bitmap),
         maxio=const.MAXPHYS if version >= msg.PROTO_VERSION_MAXIO else None,
+        replicaid=md.replicaid,
     )
     nv = info.to_nv(version)
     payload = pipeline.encode_payload(bitmap, res.compression, res.checksum, nv) if bitmap else None

@@ -771,6 +771,8 @@ class Supervisor:
             "resuid": inhello.resuid,
             "localcnt": inhello.localcnt,
             "remotecnt": inhello.remotecnt,
+            "replicaid": inhello.replicaid,
+            "peerid": inhello.peerid,
             "maxio": rs.pending_maxio,
         }
         try:

@@ -4,7 +4,8 @@ Each node stores (resuid, localcnt, remotecnt). localcnt counts the node's own p
 without its peer; remotecnt is what it last knew of the peer's localcnt. The secondary compares its
 counters with the primary's at the handshake (secondary.c init_remote) and either names the sync
 source, or refuses: a different resource (resuid mismatch) or both sides written apart
-(split-brain).
+(split-brain). hastpy adds a refusal: counters describe two copies only while each is the other's
+peer, so a copy that replicated with a third one since (replicaid, peerid) is refused too.
 The secondary never changes its counters; only the primary moves them, with the two helpers below.
 """
 
@@ -26,6 +27,13 @@ _UINT64_MAX = (1 << 64) - 1
 SPLIT_BRAIN_ERRMSG = "Split-brain condition!"
 SPLIT_BRAIN_LOG = "Split-brain detected, exiting."
 RESUID_MISMATCH_ERRMSG = "Resource unique ID mismatch (primary={primary}, secondary={secondary})."
+# hastpy: the two copies' counters are not about each other (Counters.replicaid). Logged on both
+# sides, and the primary's reason for not connecting (hastctl shows it); {…} are 16 hex digits.
+REPLICA_MISMATCH_ERRMSG = (
+    "Replica mismatch: the {moved} (copy {mover:016x}) last replicated with copy {peer:016x}, not "
+    "with this {other} (copy {other_id:016x}), so the two may differ anywhere. Keep the copy you "
+    "trust as primary and recreate the other (hastctl create) to synchronize it fully."
+)
 
 
 class Outcome(enum.Enum):
@@ -38,6 +46,7 @@ class Outcome(enum.Enum):
     SYNC_FROM_PRIMARY = 5  # row 5: the secondary is out of date
     SPLIT_BRAIN = 6  # row 6: both nodes were written while apart
     INCONSISTENT = 7  # row 7: "should never happen"; full sync
+    REPLICA_MISMATCH = 8  # hastpy: one of them replicated with a third copy since they were in step
 
 
 class BitmapReply(enum.Enum):
@@ -50,14 +59,17 @@ class BitmapReply(enum.Enum):
 
 @dataclass(frozen=True)
 class Counters:
-    """One node's view: its resource unique ID and its two counters, each a uint64."""
+    """One node's view: its resource unique ID and its two counters, each a uint64; and (hastpy,
+    0 when unknown) its copy's ID and the ID of the copy it last replicated with."""
 
     resuid: int
     localcnt: int
     remotecnt: int
+    replicaid: int = 0
+    peerid: int = 0
 
     def __post_init__(self):
-        for name in ("resuid", "localcnt", "remotecnt"):
+        for name in ("resuid", "localcnt", "remotecnt", "replicaid", "peerid"):
             value = getattr(self, name)
             if not 0 <= value <= _UINT64_MAX:
                 raise ValueError(f"{name} {value} is not a uint64")
@@ -88,11 +100,13 @@ class Decision:
     @property
     def stale_side(self) -> str | None:
         """"secondary" or "primary": the node whose data this handshake's sync overwrites because
-        it is older than its peer's (a full sync of a fresh secondary, rows 3, 5 and 7); None when
-        neither is (virgin pair, row 4: at most extents whose writes were still in flight)."""
+        it is older than its peer's (a fresh secondary, rows 1, 3, 5 and 7); None when neither is
+        (row 4: at most extents whose writes were still in flight).
+
+        Row 1 with `virgin` too: the flag only says the primary never connected (hastd sends it
+        whenever its resuid is 0), not that it wrote nothing; what it wrote alone is in its own
+        bitmap, which the sync copies, and until that pass completes the fresh disk lacks it."""
         if self.refused or self.outcome == Outcome.IN_SYNC:
-            return None
-        if self.outcome == Outcome.ADOPT_RESUID and self.bitmap == BitmapReply.NONE:
             return None
         return "primary" if self.syncsrc == SYNCSRC_SECONDARY else "secondary"
 
@@ -109,6 +123,13 @@ def decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
     if secondary.resuid != primary.resuid:
         text = RESUID_MISMATCH_ERRMSG.format(primary=primary.resuid, secondary=secondary.resuid)
         return _refuse(Outcome.RESUID_MISMATCH, text)
+    for moved, mover, other, node in (("primary", primary, "secondary", secondary), ("secondary", secondary, "primary", primary)):
+        if mover.peerid and node.replicaid and mover.peerid != node.replicaid:
+            # mover's counters are about that other copy: unknown IDs (0, a copy from before
+            # hastpy kept them) prove nothing and pass.
+            text = REPLICA_MISMATCH_ERRMSG.format(moved=moved, mover=mover.replicaid, peer=mover.peerid,
+                                                  other=other, other_id=node.replicaid)  # fmt: skip
+            return _refuse(Outcome.REPLICA_MISMATCH, text)
     return _compare_counters(secondary, primary)
 
 

@@ -246,8 +246,11 @@ class ErrorReply:
 class InHello:
     """Primary -> secondary, first message on the second connection ("in").
 
-    {resource, token[16], [virgin:int8=1], resuid:uint64, localcnt:uint64, remotecnt:uint64}.
-    virgin: the primary generated resuid just now, so nothing was written yet.
+    {resource, token[16], [virgin:int8=1], resuid:uint64, localcnt:uint64, remotecnt:uint64,
+    [replicaid:uint64, peerid:uint64 (hastpy)]}.
+    virgin: the primary generated resuid just now, so nothing was written yet. replicaid and
+    peerid: the primary's copy and the copy it last replicated with (metadata.Metadata), sent
+    when not 0; hastd neither sends nor reads them, and 0 stands for absent.
     """
 
     resource: str
@@ -256,6 +259,8 @@ class InHello:
     resuid: int
     localcnt: int
     remotecnt: int
+    replicaid: int = 0
+    peerid: int = 0
 
     def to_nv(self) -> NvList:
         _check_token(self.token, "in-hello")
@@ -272,6 +277,7 @@ class InHello:
             ("localcnt", NvType.UINT64, self.localcnt),
             ("remotecnt", NvType.UINT64, self.remotecnt),
         ]
+        fields += [(name, NvType.UINT64, v) for name, v in (("replicaid", self.replicaid), ("peerid", self.peerid)) if v]
         return _build("in-hello", fields)
 
     @classmethod
@@ -289,6 +295,8 @@ class InHello:
             resuid,  # type: ignore[arg-type]
             _field(nv, "localcnt", NvType.UINT64, what),  # type: ignore[arg-type]
             _field(nv, "remotecnt", NvType.UINT64, what),  # type: ignore[arg-type]
+            _optional(nv, "replicaid", NvType.UINT64, what) or 0,  # type: ignore[arg-type]
+            _optional(nv, "peerid", NvType.UINT64, what) or 0,  # type: ignore[arg-type]
         )
 
 
@@ -306,8 +314,9 @@ class SecondaryInfo:
     """The secondary worker's answer, on the first connection, with its activemap as payload.
 
     {datasize:int64, extentsize:int32, localcnt:uint64, remotecnt:uint64, [virgin:int8=1],
-    syncsrc:uint8, mapsize:uint32, [maxio:uint32 (v3)]}. mapsize is the uncompressed bitmap size;
-    0 (virgin) means no payload. syncsrc is SYNCSRC_PRIMARY or SYNCSRC_SECONDARY.
+    syncsrc:uint8, mapsize:uint32, [maxio:uint32 (v3)], [replicaid:uint64 (hastpy)]}. mapsize is
+    the uncompressed bitmap size; 0 (virgin) means no payload. syncsrc is SYNCSRC_PRIMARY or
+    SYNCSRC_SECONDARY. replicaid: the secondary's copy (as in InHello; 0 stands for absent).
     """
 
     datasize: int
@@ -318,6 +327,7 @@ class SecondaryInfo:
     syncsrc: int
     mapsize: int
     maxio: int | None = None
+    replicaid: int = 0
 
     def to_nv(self, version: int) -> NvList:
         """version: the negotiated one; maxio must be None below v3 (the caller decides, not us)."""
@@ -339,6 +349,8 @@ class SecondaryInfo:
         ]
         if self.maxio is not None:
             fields.append(("maxio", NvType.UINT32, self.maxio))
+        if self.replicaid:
+            fields.append(("replicaid", NvType.UINT64, self.replicaid))
         return _build(what, fields)
 
     @classmethod
@@ -363,6 +375,7 @@ class SecondaryInfo:
             syncsrc,  # type: ignore[arg-type]
             _field(nv, "mapsize", NvType.UINT32, what),  # type: ignore[arg-type]
             _maxio(nv, what),
+            _optional(nv, "replicaid", NvType.UINT64, what) or 0,  # type: ignore[arg-type]
         )
 
 

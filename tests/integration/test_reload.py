@@ -127,8 +127,9 @@ def test_a_primary_takes_a_new_remote_address_by_reconnecting(make_pair):
         _reloaded(a, count)
 
     point_a_at("none", 1)
-    wait_for(lambda: f"Disconnected from {pair.ip_b}: the configuration names none now." in a.log.read_text(),
+    wait_for(lambda: f"Disconnected from {pair.ip_b}: remote address changed to none." in a.log.read_text(),
              what="the old connection dropped")  # fmt: skip
+    assert "Remote address changed to none: disconnecting." in a.log.read_text()
     assert "Configuration change not applied yet" not in a.log.read_text()  # not held for the client
     st = a.status()
     assert (st["workerpid"], st["status"], st["remoteaddr"], st["config_pending"]) == (pid, "degraded", "none", False)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from harness import MiB, wait_for
+from harness import MiB, Node, wait_for
 from hastpy import constants as const
 
 pytestmark = [pytest.mark.integration]
@@ -115,3 +115,128 @@ def test_a_stale_primary_is_marked_until_the_sync_from_the_secondary_completes(m
     assert MARK_LINE not in _dump(pair.a)
     assert pair.a.status()["inconsistent"] is False
     assert pair.a.data() == pair.b.data()
+
+
+def test_a_fresh_secondary_of_a_primary_that_wrote_before_it_ever_connected_is_marked(make_pair):
+    """The `virgin` flag says only that the primary never connected, not that it wrote nothing:
+    what it wrote alone is synced to the fresh disk, which is marked until that completes."""
+    pair = make_pair(size=64 * MiB)
+    gate = pair.b.dir / "hold-disk"
+    pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
+    pair.start(connect=False)
+    pair.a.role("primary")
+    assert pair.a.status()["counters"]["resuid"] == 0  # never connected
+    c = pair.a.client()
+    extent = pair.a.status()["extentsize"]
+    for i in range(DIRTY_EXTENTS):
+        c.pwrite(i * extent, os.urandom(WRITE))
+    c.flush()
+    c.disconnect()
+    gate.touch()
+    pair.b.role("secondary")
+    wait_for(lambda: pair.b.status().get("inconsistent") is True, what="fresh secondary marked inconsistent")
+    # At the handshake that adopted the resource: not only at a later reconnection (the held
+    # sync times the first connection out after `timeout` s, and that one did mark it).
+    assert pair.a.log.read_text().count(f"Connected to {pair.ip_b}") == 1
+    pair.a.kill_all()
+    gate.unlink()
+    wait_for(lambda: not pair.b.status().get("workerpid"), what="secondary worker gone after the primary died")
+    cp = pair.b.hastctl("promote", pair.b.res, check=False)
+    assert cp.returncode == const.STALE_DATA_EXIT, cp.stderr
+
+
+def _third_node(pair, tmp_path):
+    """node C: another node-b (its own directory, disk and address), fresh, as secondary of A."""
+    ip_c = pair.ip_a.rsplit(".", 1)[0] + ".3"
+    params = {k: v for k, v in pair.a.params.items() if k != "env"}
+    node_c = Node("node-b", tmp_path / "c", ip_c, pair.ip_a, params)
+    node_c.write_conf(pair.a.dir, node_c.dir, pair.ip_a, ip_c)
+    pair.create(node_c, node_c.res)
+    node_c.start()
+    node_c.role("secondary")
+    return node_c
+
+
+def _point(node, pair, remote: str) -> None:
+    """node-a's `remote` becomes remote; SIGHUP."""
+    before = node.log.read_text().count("Reloading configuration...")
+    pair.write_conf()
+    node.conf.write_text(node.conf.read_text().replace(f"remote {pair.ip_b}\n", f"remote {remote}\n"))
+    node.reload()
+    wait_for(lambda: node.log.read_text().count("Reloading configuration...") > before, what="reload")
+
+
+def test_a_secondary_the_primary_moved_on_from_is_refused_until_recreated(make_pair, tmp_path):
+    """A replicates with B, then with a new copy C (C confirms writes B never sees, and A's
+    bitmap forgets them), then is pointed back at B: B has A's resuid and counters as if in
+    step, but is refused by the copy IDs instead of being 'synced' from A's bitmap alone."""
+    pair = make_pair(size=64 * MiB).start()
+    a, b = pair.a, pair.b
+    c = a.client()
+    c.pwrite(0, os.urandom(4 * MiB))
+    c.flush()
+    node_c = _third_node(pair, tmp_path)
+    try:
+        _point(a, pair, node_c.ip)
+        wait_for(lambda: f"Connected to {node_c.ip}" in a.log.read_text(), what="A replicating with C")
+        pair.wait_synced()  # the full sync of the fresh C
+        extent = a.status()["extentsize"]
+        for i in range(4, 24):  # more extents than keepdirty would keep: C alone confirms these
+            c.pwrite(i * extent, os.urandom(WRITE))
+        c.flush()
+        b_before = b.data()
+        assert b_before != a.data()
+        _point(a, pair, pair.ip_b)
+        wait_for(lambda: f"Unable to connect to {pair.ip_b}: Replica mismatch: the primary" in a.log.read_text(),
+                 what="B refused")  # fmt: skip
+        assert "Replica mismatch" in b.log.read_text()
+        st = a.status()
+        assert (st["status"], st["remoteaddr"]) == ("degraded", pair.ip_b)
+        assert b.data() == b_before  # nothing was copied to B, right or wrong
+        # The way out the message gives: recreate B, which then gets everything.
+        b.role("init")
+        pair.create(b, b.res)
+        b.role("secondary")
+        pair.wait_synced()
+        c.disconnect()
+        assert a.data() == b.data()
+    finally:
+        node_c.stop()
+
+
+def test_an_inconsistent_primary_is_no_source_for_a_new_copy(make_pair, tmp_path):
+    """A syncing from B (A older, marked inconsistent) is pointed at a fresh C mid-sync: it
+    refuses to copy its half-old data there, keeps the mark, and finishes from B later."""
+    pair = make_pair(size=64 * MiB)
+    gate = pair.b.dir / "hold-disk"  # holds B's reads too: the sync from B stops where it is
+    pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
+    pair.start()
+    a, b = pair.a, pair.b
+    a.role("init")
+    b.role("primary")
+    cl = b.client()
+    extent = b.status()["extentsize"]
+    for i in range(16):
+        cl.pwrite(i * extent, os.urandom(WRITE))
+    cl.flush()
+    cl.disconnect()
+    node_c = _third_node(pair, tmp_path)
+    gate.touch()
+    b.role("secondary")
+    a.role("primary")
+    try:
+        wait_for(lambda: a.status().get("inconsistent") is True, what="A marked inconsistent")
+        assert a.status()["sync"]["state"] == "running"
+        _point(a, pair, node_c.ip)
+        wait_for(lambda: f"Unable to connect to {node_c.ip}: local data is inconsistent" in a.log.read_text(),
+                 what="C refused as a sync target")  # fmt: skip
+        assert a.status()["inconsistent"] is True
+        assert f"Connected to {node_c.ip}" not in a.log.read_text()
+        assert not any(node_c.data())  # nothing of A's half-old data was copied there
+    finally:
+        gate.unlink()
+        node_c.stop()
+    _point(a, pair, pair.ip_b)
+    pair.wait_synced()
+    wait_for(lambda: a.status()["inconsistent"] is False, what="A up to date")
+    assert a.data() == b.data()

@@ -100,7 +100,8 @@ def test_create_then_dump_shows_the_sizing_arithmetic(conf):
     js = json.loads(run("dump", "-c", str(conf), "-n", "node-a", "--json", "all").output)
     assert js == [
         {"resource": "data", "datasize": 104852992, "extentsize": 2097152, "keepdirty": 64, "localoff": 4608,
-         "resuid": 0, "localcnt": 0, "remotecnt": 0, "prevrole": "init", "inconsistent": False}  # fmt: skip
+         "resuid": 0, "localcnt": 0, "remotecnt": 0, "prevrole": "init", "inconsistent": False,
+         "replicaid": 0, "peerid": 0}  # fmt: skip
     ]
 
 

@@ -26,6 +26,7 @@ from hastpy.metadata import (
     humanize,
     humanize_number,
     min_mediasize,
+    new_replica_id,
     nextents_for,
     parse_size,
     plan,
@@ -129,6 +130,8 @@ def test_dump_all_fields():
         "remotecnt": 5,
         "prevrole": "primary",
         "inconsistent": False,
+        "replicaid": 0,
+        "peerid": 0,
     }
 
 
@@ -142,6 +145,22 @@ def test_inconsistent_mark_is_an_extra_field_only_while_set():
     assert dump_dict(marked)["inconsistent"] is True
     # A zero value (never written by us, but possible) reads as not marked.
     assert Metadata.decode(_fields(inconsistent=("uint8", 0))) == MD_100M
+
+
+def test_replica_ids_are_extra_fields_only_when_set():
+    assert (MD_100M.replicaid, MD_100M.peerid) == (0, 0)  # hastd's block has neither
+    both = MD_100M.with_(replicaid=0xFEDC_BA98_7654_3210, peerid=1, inconsistent=True)
+    nv = NvList.decode(both.encode())
+    assert [f.name for f in nv][-3:] == ["inconsistent", "replicaid", "peerid"]
+    assert Metadata.decode(both.encode()) == both
+    assert Metadata.decode(MD_100M.with_(replicaid=7).encode()).peerid == 0
+    assert format_dump(both).endswith("    replicaid: fedcba9876543210\n    peerid: 0000000000000001\n")
+    assert (dump_dict(both)["replicaid"], dump_dict(both)["peerid"]) == (0xFEDC_BA98_7654_3210, 1)
+    with pytest.raises(MetadataError, match="peerid"):
+        MD_100M.with_(peerid=-1)
+    with pytest.raises(MetadataError, match="replicaid.*expected uint64"):
+        Metadata.decode(_fields(replicaid=("string", "x")))
+    assert new_replica_id() != 0
 
 
 def test_inconsistent_mark_of_the_wrong_type_is_damage():

@@ -140,6 +140,22 @@ def test_secondary_info_bytes_v2_and_v3():
     assert v3.to_nv(3).encode() == v2 + _elem(6, "maxio", _le(MAXPHYS, 4))
 
 
+def test_replica_ids_are_extra_fields_only_when_known():
+    """hastpy's copy IDs follow hastd's fields, and a message without them is hastd's."""
+    bare = InHello("data", TOKEN, virgin=False, resuid=5, localcnt=1, remotecnt=1)
+    ids = InHello("data", TOKEN, virgin=False, resuid=5, localcnt=1, remotecnt=1, replicaid=0xA1, peerid=0xB2)
+    assert ids.to_nv().encode() == bare.to_nv().encode() + _elem(8, "replicaid", _le(0xA1, 8)) + _elem(8, "peerid", _le(0xB2, 8))
+    assert InHello.from_nv(ids.to_nv()) == ids
+    assert InHello.from_nv(bare.to_nv()) == bare and (bare.replicaid, bare.peerid) == (0, 0)
+    info = SecondaryInfo(1 << 30, 1 << 21, 1, 2, False, SYNCSRC_PRIMARY, 64, maxio=MAXPHYS, replicaid=0xC3)
+    assert info.to_nv(3).encode() == SecondaryInfo(**{**_fields(info), "replicaid": 0}).to_nv(3).encode() + _elem(
+        8, "replicaid", _le(0xC3, 8))  # fmt: skip
+    assert SecondaryInfo.from_nv(info.to_nv(3)) == info
+    bad = InHello("data", TOKEN, False, 5, 1, 1, replicaid=0xA1).to_nv().add_string("peerid", "x")
+    with pytest.raises(RemoteProtocolError, match="peerid"):
+        InHello.from_nv(bad)
+
+
 def test_secondary_info_virgin_sits_before_syncsrc():
     info = SecondaryInfo(1 << 20, 1 << 21, 0, 0, virgin=True, syncsrc=SYNCSRC_PRIMARY, mapsize=0)
     names = [f.name for f in info.to_nv(2)]

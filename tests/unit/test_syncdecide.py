@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hastpy.errors import RemoteProtocolError
 from hastpy.syncdecide import (
+    REPLICA_MISMATCH_ERRMSG,
     RESUID_MISMATCH_ERRMSG,
     SPLIT_BRAIN_ERRMSG,
     SPLIT_BRAIN_LOG,
@@ -105,6 +106,53 @@ def test_row7_should_never_happen_is_a_full_sync(sec, pri, syncsrc):
     assert d == Decision(Outcome.INCONSISTENT, syncsrc, BitmapReply.ALL_ONES)
 
 
+A, B, C = 0xA, 0xB, 0xC  # three copies' IDs
+
+
+def ids(counters: Counters, replicaid: int, peerid: int) -> Counters:
+    return Counters(counters.resuid, counters.localcnt, counters.remotecnt, replicaid, peerid)
+
+
+def test_a_primary_that_replicated_with_another_copy_is_refused():
+    """A replicated with B, then with a new copy C (C confirmed writes B never saw, and A's
+    bitmap forgot them), then meets B again: same resuid and counters as an in-step pair."""
+    d = decide(ids(s(0, 0), B, A), ids(p(0, 0), A, C), virgin=False)
+    assert d.outcome == Outcome.REPLICA_MISMATCH and d.refused
+    assert (d.syncsrc, d.bitmap, d.exit_code) == (SYNCSRC_UNDEF, None, os.EX_CONFIG)
+    assert d.errmsg == REPLICA_MISMATCH_ERRMSG.format(moved="primary", mover=A, peer=C, other="secondary", other_id=B)
+    assert "\n" not in d.errmsg and "hastctl create" in d.errmsg and f"{C:016x}" in d.errmsg
+
+
+def test_a_secondary_that_replicated_with_another_copy_is_refused():
+    d = decide(ids(s(0, 0), B, C), ids(p(0, 0), A, B), virgin=False)
+    assert d.outcome == Outcome.REPLICA_MISMATCH
+    assert d.errmsg.startswith(f"Replica mismatch: the secondary (copy {B:016x}) last replicated with copy {C:016x}")
+
+
+@pytest.mark.parametrize(
+    "sec,pri",
+    [
+        ((B, A), (A, B)),  # each other's peer
+        ((0, 0), (A, C)),  # a copy from before the IDs: nothing to compare
+        ((B, 0), (A, 0)),  # neither replicated with anyone yet
+        ((B, A), (0, 0)),  # a primary from before the IDs
+        ((B, A), (A, 0)),
+    ],
+)
+def test_copies_that_are_each_others_peer_or_unknown_go_by_the_counters(sec, pri):
+    assert decide(ids(s(1, 2), *sec), ids(p(2, 1), *pri), virgin=False).outcome == Outcome.IN_SYNC
+    assert decide(ids(s(1, 2), *sec), ids(p(3, 1), *pri), virgin=False).outcome == Outcome.SYNC_FROM_PRIMARY
+
+
+def test_a_fresh_secondary_is_adopted_whatever_the_primary_replicated_with():
+    d = decide(ids(s(0, 0, resuid=0), C, 0), ids(p(4, 4), A, B), virgin=False)
+    assert (d.outcome, d.bitmap) == (Outcome.ADOPT_RESUID, BitmapReply.ALL_ONES)
+
+
+def test_a_resuid_mismatch_is_said_before_a_replica_mismatch():
+    assert decide(ids(s(0, 0, resuid=7), B, C), ids(p(0, 0), A, C), False).outcome == Outcome.RESUID_MISMATCH
+
+
 def test_primary_without_resuid_is_a_protocol_error():
     with pytest.raises(RemoteProtocolError):
         decide(s(0, 0, resuid=0), p(0, 0, resuid=0), True)
@@ -187,15 +235,20 @@ def test_every_counter_combination_has_one_answer(sl, sr, pl, pr, virgin):
     assert d.adopt_resuid is None and not d.reply_virgin
 
 
+_ids = st.sampled_from([0, A, B, C])
+
+
 @given(
-    sec=st.builds(Counters, st.integers(0, U64), st.integers(0, U64), st.integers(0, U64)),
-    pri=st.builds(Counters, st.integers(1, U64), st.integers(0, U64), st.integers(0, U64)),
+    sec=st.builds(Counters, st.integers(0, U64), st.integers(0, U64), st.integers(0, U64), _ids, _ids),
+    pri=st.builds(Counters, st.integers(1, U64), st.integers(0, U64), st.integers(0, U64), _ids, _ids),
     virgin=st.booleans(),
 )
 def test_any_input_gets_a_decision(sec, pri, virgin):
     d = decide(sec, pri, virgin)
     assert isinstance(d.outcome, Outcome)
-    assert d.refused == (d.outcome in (Outcome.RESUID_MISMATCH, Outcome.SPLIT_BRAIN))
+    assert d.refused == (d.outcome in (Outcome.RESUID_MISMATCH, Outcome.SPLIT_BRAIN, Outcome.REPLICA_MISMATCH))
+    moved_on = any(x.peerid and y.replicaid and x.peerid != y.replicaid for x, y in ((sec, pri), (pri, sec)))
+    assert (d.outcome == Outcome.REPLICA_MISMATCH) == (sec.resuid == pri.resuid and moved_on)
 
 
 @given(sl=small, sr=small, pl=small, pr=small)
@@ -212,7 +265,7 @@ def test_sync_leaves_the_pair_in_sync(sl, sr, pl, pr):
 @pytest.mark.parametrize(
     "sec,pri,virgin,stale",
     [
-        (s(0, 0, resuid=0), p(3, 1), True, None),  # row 1, virgin pair: nothing to copy
+        (s(0, 0, resuid=0), p(3, 1), True, "secondary"),  # row 1, virgin: what the primary wrote alone
         (s(0, 0, resuid=0), p(3, 1), False, "secondary"),  # row 1: full sync to a fresh disk
         (s(4, 2), p(2, 3), False, "primary"),  # row 3
         (s(3, 2), p(2, 3), False, None),  # row 4: only extents whose writes were in flight
