@@ -833,7 +833,8 @@ class Primary:
             inn = connect(res.remote, res.source, timeout)
             inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
                                   localcnt=self.md.localcnt, remotecnt=self.md.remotecnt,
-                                  replicaid=self.md.replicaid, peerid=self.md.peerid)  # fmt: skip
+                                  replicaid=self.md.replicaid, peerid=self.md.peerid,
+                                  inconsistent=self.md.inconsistent)  # fmt: skip
             send_frame(inn, version, inhello.to_nv())
             frame = recv_one(out, version)
             info = msg.decode_secondary_info(frame.nv)
@@ -846,8 +847,9 @@ class Primary:
                 raise RemoteError(f"Data size differs between nodes (local={self.datasize}, remote={info.datasize}).")
             if self.md.inconsistent and info.syncsrc != syncdecide.SYNCSRC_SECONDARY:
                 # Only the copy this one was being synchronized from can finish that: copying
-                # our half-old data to another (a fresh disk) would pass the damage on.
-                raise RemoteError(STALE_SOURCE_ERRMSG)
+                # our half-old data to another (a fresh disk) would pass the damage on. A hastpy
+                # secondary refuses first (we sent the mark), before it adopts anything.
+                raise RemoteError(syncdecide.STALE_SOURCE_ERRMSG)
             bitmap = b""
             if len(frame.payload):
                 bitmap = pipeline.decode_payload(frame.payload, frame.nv)
@@ -1079,11 +1081,6 @@ def _peer_change(res: Resource, old) -> str:
     if res.remote != remote:
         return f"remote address changed to {res.remote}"
     return f"source address changed to {res.source or 'any'}"
-
-
-STALE_SOURCE_ERRMSG = ("local data is inconsistent (a synchronization to this node did not finish) and this peer "
-                       "would synchronize from it; connect to the copy it was synchronizing from, or make that "
-                       "copy primary")  # fmt: skip
 
 
 class WaitForPeer(Exception):

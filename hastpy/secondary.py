@@ -287,6 +287,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),
                                     hs.get("peerid", 0)),  # fmt: skip
         virgin=hs.get("virgin", False),
+        primary_inconsistent=hs.get("inconsistent", False),
     )
     if d.refused:
         if d.outcome == syncdecide.Outcome.SPLIT_BRAIN:

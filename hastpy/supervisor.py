@@ -773,6 +773,7 @@ class Supervisor:
             "remotecnt": inhello.remotecnt,
             "replicaid": inhello.replicaid,
             "peerid": inhello.peerid,
+            "inconsistent": inhello.inconsistent,
             "maxio": rs.pending_maxio,
         }
         try:

@@ -27,6 +27,12 @@ _UINT64_MAX = (1 << 64) - 1
 SPLIT_BRAIN_ERRMSG = "Split-brain condition!"
 SPLIT_BRAIN_LOG = "Split-brain detected, exiting."
 RESUID_MISMATCH_ERRMSG = "Resource unique ID mismatch (primary={primary}, secondary={secondary})."
+# hastpy: the primary is the unfinished target of a sync and this copy would sync from it. Said
+# by whichever side sees it first (the secondary, if the primary sent its mark).
+STALE_SOURCE_ERRMSG = (
+    "The primary's data is inconsistent (a synchronization to it did not finish) and this copy would "
+    "synchronize from it; connect it to the copy it was synchronizing from, or make that copy primary."
+)
 # hastpy: the two copies' counters are not about each other (Counters.replicaid). Logged on both
 # sides, and the primary's reason for not connecting (hastctl shows it); {…} are 16 hex digits.
 REPLICA_MISMATCH_ERRMSG = (
@@ -47,6 +53,7 @@ class Outcome(enum.Enum):
     SPLIT_BRAIN = 6  # row 6: both nodes were written while apart
     INCONSISTENT = 7  # row 7: "should never happen"; full sync
     REPLICA_MISMATCH = 8  # hastpy: one of them replicated with a third copy since they were in step
+    STALE_SOURCE = 9  # hastpy: the primary's data is marked inconsistent and would be the source
 
 
 class BitmapReply(enum.Enum):
@@ -111,11 +118,21 @@ class Decision:
         return "primary" if self.syncsrc == SYNCSRC_SECONDARY else "secondary"
 
 
-def decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
-    """Apply §7.2's table. ``virgin`` is whether the primary sent the virgin flag.
+def decide(secondary: Counters, primary: Counters, virgin: bool, primary_inconsistent: bool = False) -> Decision:
+    """Apply §7.2's table. ``virgin`` is whether the primary sent the virgin flag;
+    ``primary_inconsistent`` (hastpy) whether it said its data is marked inconsistent: it may
+    then only be synchronized from this copy, never be the source (refused before this side
+    adopts or writes anything).
 
     RemoteProtocolError if the primary's resuid is 0: it generates one before its first connect.
     """
+    d = _decide(secondary, primary, virgin)
+    if primary_inconsistent and not d.refused and d.syncsrc != SYNCSRC_SECONDARY:
+        return _refuse(Outcome.STALE_SOURCE, STALE_SOURCE_ERRMSG)
+    return d
+
+
+def _decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
     if primary.resuid == 0:
         raise RemoteProtocolError("primary sent resuid 0")
     if secondary.resuid == 0:

@@ -247,10 +247,11 @@ class InHello:
     """Primary -> secondary, first message on the second connection ("in").
 
     {resource, token[16], [virgin:int8=1], resuid:uint64, localcnt:uint64, remotecnt:uint64,
-    [replicaid:uint64, peerid:uint64 (hastpy)]}.
+    [replicaid:uint64, peerid:uint64, inconsistent:uint8=1 (hastpy)]}.
     virgin: the primary generated resuid just now, so nothing was written yet. replicaid and
     peerid: the primary's copy and the copy it last replicated with (metadata.Metadata), sent
-    when not 0; hastd neither sends nor reads them, and 0 stands for absent.
+    when not 0; inconsistent: its data is marked so, sent only when set. hastd neither sends nor
+    reads them, and 0 stands for absent.
     """
 
     resource: str
@@ -261,6 +262,7 @@ class InHello:
     remotecnt: int
     replicaid: int = 0
     peerid: int = 0
+    inconsistent: bool = False
 
     def to_nv(self) -> NvList:
         _check_token(self.token, "in-hello")
@@ -278,6 +280,8 @@ class InHello:
             ("remotecnt", NvType.UINT64, self.remotecnt),
         ]
         fields += [(name, NvType.UINT64, v) for name, v in (("replicaid", self.replicaid), ("peerid", self.peerid)) if v]
+        if self.inconsistent:
+            fields.append(("inconsistent", NvType.UINT8, 1))
         return _build("in-hello", fields)
 
     @classmethod
@@ -297,6 +301,7 @@ class InHello:
             _field(nv, "remotecnt", NvType.UINT64, what),  # type: ignore[arg-type]
             _optional(nv, "replicaid", NvType.UINT64, what) or 0,  # type: ignore[arg-type]
             _optional(nv, "peerid", NvType.UINT64, what) or 0,  # type: ignore[arg-type]
+            bool(_optional(nv, "inconsistent", NvType.UINT8, what)),
         )
 
 

@@ -10,6 +10,7 @@ secondary's disk-write gate (HASTPY_TEST_HOLD_DISK), and the primary is then kil
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -228,15 +229,23 @@ def test_an_inconsistent_primary_is_no_source_for_a_new_copy(make_pair, tmp_path
         wait_for(lambda: a.status().get("inconsistent") is True, what="A marked inconsistent")
         assert a.status()["sync"]["state"] == "running"
         _point(a, pair, node_c.ip)
-        wait_for(lambda: f"Unable to connect to {node_c.ip}: local data is inconsistent" in a.log.read_text(),
+        wait_for(lambda: f"Unable to connect to {node_c.ip}: The primary's data is inconsistent" in a.log.read_text(),
                  what="C refused as a sync target")  # fmt: skip
         assert a.status()["inconsistent"] is True
         assert f"Connected to {node_c.ip}" not in a.log.read_text()
         assert not any(node_c.data())  # nothing of A's half-old data was copied there
+        # C refused before adopting anything: it is as fresh as before, usable later.
+        assert json.loads(node_c.hastctl("dump", "--json").stdout)[0]["resuid"] == 0
     finally:
         gate.unlink()
-        node_c.stop()
     _point(a, pair, pair.ip_b)
     pair.wait_synced()
     wait_for(lambda: a.status()["inconsistent"] is False, what="A up to date")
     assert a.data() == b.data()
+    try:
+        _point(a, pair, node_c.ip)  # now a good source: C is brought in as a new copy
+        wait_for(lambda: f"Connected to {node_c.ip}" in a.log.read_text(), what="A replicating with C")
+        pair.wait_synced()
+        assert node_c.data() == a.data()
+    finally:
+        node_c.stop()

@@ -146,7 +146,10 @@ def test_replica_ids_are_extra_fields_only_when_known():
     ids = InHello("data", TOKEN, virgin=False, resuid=5, localcnt=1, remotecnt=1, replicaid=0xA1, peerid=0xB2)
     assert ids.to_nv().encode() == bare.to_nv().encode() + _elem(8, "replicaid", _le(0xA1, 8)) + _elem(8, "peerid", _le(0xB2, 8))
     assert InHello.from_nv(ids.to_nv()) == ids
-    assert InHello.from_nv(bare.to_nv()) == bare and (bare.replicaid, bare.peerid) == (0, 0)
+    assert InHello.from_nv(bare.to_nv()) == bare and (bare.replicaid, bare.peerid, bare.inconsistent) == (0, 0, False)
+    marked = InHello("data", TOKEN, virgin=False, resuid=5, localcnt=1, remotecnt=1, inconsistent=True)
+    assert marked.to_nv().encode() == bare.to_nv().encode() + _elem(2, "inconsistent", b"\x01")
+    assert InHello.from_nv(marked.to_nv()) == marked
     info = SecondaryInfo(1 << 30, 1 << 21, 1, 2, False, SYNCSRC_PRIMARY, 64, maxio=MAXPHYS, replicaid=0xC3)
     assert info.to_nv(3).encode() == SecondaryInfo(**{**_fields(info), "replicaid": 0}).to_nv(3).encode() + _elem(
         8, "replicaid", _le(0xC3, 8))  # fmt: skip

@@ -12,6 +12,7 @@ from hastpy.syncdecide import (
     RESUID_MISMATCH_ERRMSG,
     SPLIT_BRAIN_ERRMSG,
     SPLIT_BRAIN_LOG,
+    STALE_SOURCE_ERRMSG,
     SYNCSRC_PRIMARY,
     SYNCSRC_SECONDARY,
     SYNCSRC_UNDEF,
@@ -147,6 +148,25 @@ def test_copies_that_are_each_others_peer_or_unknown_go_by_the_counters(sec, pri
 def test_a_fresh_secondary_is_adopted_whatever_the_primary_replicated_with():
     d = decide(ids(s(0, 0, resuid=0), C, 0), ids(p(4, 4), A, B), virgin=False)
     assert (d.outcome, d.bitmap) == (Outcome.ADOPT_RESUID, BitmapReply.ALL_ONES)
+
+
+@pytest.mark.parametrize(
+    "sec,pri,refused",
+    [
+        (s(0, 0, resuid=0), p(1, 0), True),  # a fresh copy: refused before it adopts anything
+        (s(3, 2), p(5, 3), True),  # row 5: the secondary would sync from it
+        (s(3, 2), p(2, 3), True),  # row 4: its bitmap would be copied too
+        (s(4, 2), p(2, 3), False),  # row 3: the copy it syncs from: the way to finish
+        (s(4, 5), p(2, 3), False),  # row 7 from the secondary
+    ],
+)
+def test_an_inconsistent_primary_is_only_ever_a_sync_target(sec, pri, refused):
+    d = decide(sec, pri, virgin=False, primary_inconsistent=True)
+    assert (d.outcome == Outcome.STALE_SOURCE) == refused
+    if refused:
+        assert (d.errmsg, d.adopt_resuid, d.bitmap, d.exit_code) == (STALE_SOURCE_ERRMSG, None, None, os.EX_CONFIG)
+    else:
+        assert d == decide(sec, pri, virgin=False)
 
 
 def test_a_resuid_mismatch_is_said_before_a_replica_mismatch():
