@@ -52,7 +52,7 @@ log = logging.getLogger("hastd")
 LOCAL_THREADS = 8  # concurrent local disk I/Os; hastd has one (queue depth 1)
 RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while degraded (hastd: 10 s guard)
 WAIT_RETRY = 1.0  # hastd: a peer that answers "wait" (still primary) is retried every 1 s
-SPLIT_BRAIN_RETRY = 10.0  # hastd's guard interval: how often a split-brain peer is retried
+REFUSED_RETRY = 10.0  # hastd's guard interval: how often a peer that refused the pair (split-brain, mismatch) is retried
 FIRST_CONNECT_TIMEOUT = 3.0  # bound on the first connect so a dead peer does not delay service
 SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
 KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
@@ -86,7 +86,7 @@ def keepalive_interval(version: int, timeout: int) -> float:
 
 
 class RemoteError(Exception):
-    """A remote request failed: carries a Linux errno."""
+    """The peer refused the handshake or answered one we cannot use: carries the reason."""
 
 
 class Link:
@@ -842,7 +842,7 @@ class Primary:
                 if info.errmsg == SPLIT_BRAIN_ERRMSG:
                     log.error("Split-brain detected on the secondary: refusing to synchronize.")
                     self.channel.event("split-brain")
-                raise RemoteError(info.errmsg)
+                raise RefusedByPeer(info.errmsg)
             if info.datasize != self.datasize or info.extentsize != self.md.extentsize:
                 raise RemoteError(f"Data size differs between nodes (local={self.datasize}, remote={info.datasize}).")
             if self.md.inconsistent and info.syncsrc != syncdecide.SYNCSRC_SECONDARY:
@@ -886,7 +886,9 @@ class Primary:
         return Link(self, out, inn, version, maxio, (res.remote, res.source))
 
     def try_connect(self, timeout: float) -> str:
-        """"connected", "wait" (the peer is still primary), "split-brain" or "failed"."""
+        """"connected", "wait" (the peer is still primary), "split-brain", "refused" (the
+        secondary's handshake decision said no: it stays no until an operator acts) or
+        "failed"."""
         res = self.res  # a reload may replace self.res meanwhile: say where this attempt went
         try:
             link = self.handshake(timeout, res)
@@ -900,13 +902,16 @@ class Primary:
             level = logging.WARNING if reason != self._connect_error else logging.DEBUG
             log.log(level, "Unable to connect to %s: %s", res.remote, reason)
             self._connect_error = reason
-            return "split-brain" if reason == SPLIT_BRAIN_ERRMSG else "failed"
+            if isinstance(exc, RefusedByPeer):
+                return "split-brain" if reason == SPLIT_BRAIN_ERRMSG else "refused"
+            return "failed"
         self._connect_error = ""
+        # Said before the link is visible: the sync thread may start a pass on it at once.
+        log.info("Connected to %s (protocol %d, %s).", link.peer[0], link.version,
+                 "syncsrc=secondary" if self.syncsrc == syncdecide.SYNCSRC_SECONDARY else "syncsrc=primary")  # fmt: skip
         with self._link_lock:
             self.link = link
         link.start()
-        log.info("Connected to %s (protocol %d, %s).", link.peer[0], link.version,
-                 "syncsrc=secondary" if self.syncsrc == syncdecide.SYNCSRC_SECONDARY else "syncsrc=primary")  # fmt: skip
         self.channel.event("connect")
         self._sync_wanted.set()
         return "connected"
@@ -921,10 +926,11 @@ class Primary:
             if link is not None and link.peer != (res.remote, res.source):
                 link.close(_peer_change(res, link.peer))
                 link = None
-            if link is None and res.remote != const.REMOTE_NONE and self.try_connect(res.timeout) == "split-brain":
-                # Each attempt fires the split-brain hook on both nodes: retry at hastd's pace
-                # (its guard runs every 10 s), not every second, until an operator resolves it.
-                wait = SPLIT_BRAIN_RETRY
+            if link is None and res.remote != const.REMOTE_NONE and self.try_connect(res.timeout) in ("split-brain", "refused"):
+                # The secondary's decision stays the same until an operator acts, and each
+                # attempt logs an error there (and fires the split-brain hook on both nodes):
+                # retry at hastd's pace (its guard runs every 10 s), not every second.
+                wait = REFUSED_RETRY
             self._guard_wake.wait(wait)
             self._guard_wake.clear()
 
@@ -1081,6 +1087,10 @@ def _peer_change(res: Resource, old) -> str:
     if res.remote != remote:
         return f"remote address changed to {res.remote}"
     return f"source address changed to {res.source or 'any'}"
+
+
+class RefusedByPeer(RemoteError):
+    """The secondary's handshake decision refused the pair (hast.md §7.2 and hastpy's own)."""
 
 
 class WaitForPeer(Exception):

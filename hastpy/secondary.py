@@ -306,15 +306,20 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         md = replace(md, inconsistent=True)
     # From the first request on this copy replicates with that primary's: durable before it.
     md = replace(md, prevrole="secondary", peerid=hs.get("replicaid", 0) or md.peerid)
-    metadata.write_metadata(prov.fd, md)
-    localio.flush(prov.fd)
     mapsize = md.offset - const.METADATA_SIZE
     if d.bitmap == syncdecide.BitmapReply.NONE:
         bitmap = b""
     elif d.bitmap == syncdecide.BitmapReply.ALL_ONES:
         bitmap = b"\xff" * mapsize
+        # On disk too, with the new metadata: the primary makes the merged map durable only
+        # after this reply (and before its first request, at which this copy zeroes its map).
+        # A primary that dies in between would otherwise come back to two clean maps and
+        # counters that may say "in sync", and finish a "sync" that copies nothing.
+        metadata.write_bitmap(prov.fd, bitmap)
     else:
         bitmap = metadata.read_bitmap(prov.fd, mapsize)
+    metadata.write_metadata(prov.fd, md)
+    localio.flush(prov.fd)
     maxio = msg.negotiate_maxio(version, hs.get("maxio"), const.MAXPHYS)
     info = msg.SecondaryInfo(
         datasize=md.datasize,

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
 from harness import MiB, Node, wait_for
 from hastpy import constants as const
+from hastpy.primary import RECONNECT_INTERVAL
 
 pytestmark = [pytest.mark.integration]
 
@@ -191,6 +193,8 @@ def test_a_secondary_the_primary_moved_on_from_is_refused_until_recreated(make_p
         wait_for(lambda: f"Unable to connect to {pair.ip_b}: Replica mismatch: the primary" in a.log.read_text(),
                  what="B refused")  # fmt: skip
         assert "Replica mismatch" in b.log.read_text()
+        time.sleep(3 * RECONNECT_INTERVAL)  # a refusal is not retried every second, but at hastd's pace
+        assert b.log.read_text().count("Replica mismatch") == 1
         st = a.status()
         assert (st["status"], st["remoteaddr"]) == ("degraded", pair.ip_b)
         assert b.data() == b_before  # nothing was copied to B, right or wrong
