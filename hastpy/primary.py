@@ -831,10 +831,11 @@ class Primary:
             virgin = self.md.resuid == 0
             resuid = self.md.resuid or (secrets.randbits(64) or 1)
             inn = connect(res.remote, res.source, timeout)
+            # hastpy's fields go to hastpy peers only (v4), as everything else of ours.
+            ours = {"replicaid": self.md.replicaid, "peerid": self.md.peerid, "inconsistent": self.md.inconsistent}
             inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
                                   localcnt=self.md.localcnt, remotecnt=self.md.remotecnt,
-                                  replicaid=self.md.replicaid, peerid=self.md.peerid,
-                                  inconsistent=self.md.inconsistent)  # fmt: skip
+                                  **(ours if version >= msg.PROTO_VERSION_SYNCDONE else {}))  # fmt: skip
             send_frame(inn, version, inhello.to_nv())
             frame = recv_one(out, version)
             info = msg.decode_secondary_info(frame.nv)
@@ -842,14 +843,14 @@ class Primary:
                 if info.errmsg == SPLIT_BRAIN_ERRMSG:
                     log.error("Split-brain detected on the secondary: refusing to synchronize.")
                     self.channel.event("split-brain")
-                raise RefusedByPeer(info.errmsg)
+                raise (Refused if syncdecide.is_decision_refusal(info.errmsg) else RemoteError)(info.errmsg)
             if info.datasize != self.datasize or info.extentsize != self.md.extentsize:
                 raise RemoteError(f"Data size differs between nodes (local={self.datasize}, remote={info.datasize}).")
             if self.md.inconsistent and info.syncsrc != syncdecide.SYNCSRC_SECONDARY:
                 # Only the copy this one was being synchronized from can finish that: copying
                 # our half-old data to another (a fresh disk) would pass the damage on. A hastpy
                 # secondary refuses first (we sent the mark), before it adopts anything.
-                raise RemoteError(syncdecide.STALE_SOURCE_ERRMSG)
+                raise Refused(syncdecide.STALE_SOURCE_ERRMSG)
             bitmap = b""
             if len(frame.payload):
                 bitmap = pipeline.decode_payload(frame.payload, frame.nv)
@@ -887,8 +888,8 @@ class Primary:
 
     def try_connect(self, timeout: float) -> str:
         """"connected", "wait" (the peer is still primary), "split-brain", "refused" (the
-        secondary's handshake decision said no: it stays no until an operator acts) or
-        "failed"."""
+        handshake's decision said no: syncdecide.is_decision_refusal, or our stale-source check)
+        or "failed"."""
         res = self.res  # a reload may replace self.res meanwhile: say where this attempt went
         try:
             link = self.handshake(timeout, res)
@@ -902,7 +903,7 @@ class Primary:
             level = logging.WARNING if reason != self._connect_error else logging.DEBUG
             log.log(level, "Unable to connect to %s: %s", res.remote, reason)
             self._connect_error = reason
-            if isinstance(exc, RefusedByPeer):
+            if isinstance(exc, Refused):
                 return "split-brain" if reason == SPLIT_BRAIN_ERRMSG else "refused"
             return "failed"
         self._connect_error = ""
@@ -1089,8 +1090,9 @@ def _peer_change(res: Resource, old) -> str:
     return f"source address changed to {res.source or 'any'}"
 
 
-class RefusedByPeer(RemoteError):
-    """The secondary's handshake decision refused the pair (hast.md §7.2 and hastpy's own)."""
+class Refused(RemoteError):
+    """The handshake's decision refused the pair (hast.md §7.2 and hastpy's own): it stays so
+    until an operator acts."""
 
 
 class WaitForPeer(Exception):

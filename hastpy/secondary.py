@@ -281,13 +281,18 @@ def _exists_at(dir_fd: int, name: str) -> bool:
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
     """Decide the sync direction (hast.md §7.2), answer the primary; None when refused."""
     if not md.replicaid:
-        md = replace(md, replicaid=metadata.new_replica_id())  # written below, with the rest
+        # Before deciding, and written below with the rest: a copy from before the IDs (or whose
+        # ID an older hastpy dropped) must not pass as "unknown" a primary that has moved on to
+        # another copy. The price: such a copy is refused by a primary that still names its old
+        # ID, and is recreated (README, split-brain).
+        md = replace(md, replicaid=metadata.new_replica_id())
     d = syncdecide.decide(
         secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt, md.replicaid, md.peerid),
         primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),
                                     hs.get("peerid", 0)),  # fmt: skip
         virgin=hs.get("virgin", False),
         primary_inconsistent=hs.get("inconsistent", False),
+        secondary_inconsistent=md.inconsistent,
     )
     if d.refused:
         if d.outcome == syncdecide.Outcome.SPLIT_BRAIN:
@@ -316,6 +321,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # A primary that dies in between would otherwise come back to two clean maps and
         # counters that may say "in sync", and finish a "sync" that copies nothing.
         metadata.write_bitmap(prov.fd, bitmap)
+        localio.flush(prov.fd)  # before the metadata that says a sync started: never one without it
     else:
         bitmap = metadata.read_bitmap(prov.fd, mapsize)
     metadata.write_metadata(prov.fd, md)
@@ -330,7 +336,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         syncsrc=d.syncsrc,
         mapsize=len(bitmap),
         maxio=const.MAXPHYS if version >= msg.PROTO_VERSION_MAXIO else None,
-        replicaid=md.replicaid,
+        replicaid=md.replicaid if version >= msg.PROTO_VERSION_SYNCDONE else 0,  # to hastpy peers only
     )
     nv = info.to_nv(version)
     payload = pipeline.encode_payload(bitmap, res.compression, res.checksum, nv) if bitmap else None

@@ -34,7 +34,8 @@ STALE_SOURCE_ERRMSG = (
     "synchronize from it; connect it to the copy it was synchronizing from, or make that copy primary."
 )
 # hastpy: the two copies' counters are not about each other (Counters.replicaid). Logged on both
-# sides, and the primary's reason for not connecting (hastctl shows it); {…} are 16 hex digits.
+# sides (the primary's reason for not connecting, at WARNING); the IDs are 16 hex digits, as
+# `hastctl dump` shows them.
 REPLICA_MISMATCH_ERRMSG = (
     "Replica mismatch: the {moved} (copy {mover:016x}) last replicated with copy {peer:016x}, not "
     "with this {other} (copy {other_id:016x}), so the two may differ anywhere. Keep the copy you "
@@ -118,21 +119,22 @@ class Decision:
         return "primary" if self.syncsrc == SYNCSRC_SECONDARY else "secondary"
 
 
-def decide(secondary: Counters, primary: Counters, virgin: bool, primary_inconsistent: bool = False) -> Decision:
+def decide(secondary: Counters, primary: Counters, virgin: bool, primary_inconsistent: bool = False,
+           secondary_inconsistent: bool = False) -> Decision:  # fmt: skip
     """Apply §7.2's table. ``virgin`` is whether the primary sent the virgin flag;
     ``primary_inconsistent`` (hastpy) whether it said its data is marked inconsistent: it may
     then only be synchronized from this copy, never be the source (refused before this side
-    adopts or writes anything).
+    adopts or writes anything); ``secondary_inconsistent`` whether this copy's is.
 
     RemoteProtocolError if the primary's resuid is 0: it generates one before its first connect.
     """
-    d = _decide(secondary, primary, virgin)
+    d = _decide(secondary, primary, virgin, secondary_inconsistent)
     if primary_inconsistent and not d.refused and d.syncsrc != SYNCSRC_SECONDARY:
         return _refuse(Outcome.STALE_SOURCE, STALE_SOURCE_ERRMSG)
     return d
 
 
-def _decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
+def _decide(secondary: Counters, primary: Counters, virgin: bool, secondary_inconsistent: bool) -> Decision:
     if primary.resuid == 0:
         raise RemoteProtocolError("primary sent resuid 0")
     if secondary.resuid == 0:
@@ -140,14 +142,31 @@ def _decide(secondary: Counters, primary: Counters, virgin: bool) -> Decision:
     if secondary.resuid != primary.resuid:
         text = RESUID_MISMATCH_ERRMSG.format(primary=primary.resuid, secondary=secondary.resuid)
         return _refuse(Outcome.RESUID_MISMATCH, text)
+    target_of_this_primary = secondary_inconsistent and primary.replicaid and secondary.peerid == primary.replicaid
+    if target_of_this_primary and primary.peerid and primary.peerid != secondary.replicaid:
+        # This copy is the unfinished target of a sync from this very primary, which has not
+        # recorded it as its peer (the handshake that adopted it failed after this side's
+        # metadata was written): its data is nothing to keep, so a full sync is always right.
+        return Decision(Outcome.INCONSISTENT, SYNCSRC_PRIMARY, BitmapReply.ALL_ONES)
     for moved, mover, other, node in (("primary", primary, "secondary", secondary), ("secondary", secondary, "primary", primary)):
         if mover.peerid and node.replicaid and mover.peerid != node.replicaid:
-            # mover's counters are about that other copy: unknown IDs (0, a copy from before
-            # hastpy kept them) prove nothing and pass.
+            # mover's counters are about that other copy. A 0 proves nothing and passes; but the
+            # secondary gives itself an ID before deciding (secondary._handshake), so a copy
+            # from before the IDs is not waved through by a primary that has moved on.
             text = REPLICA_MISMATCH_ERRMSG.format(moved=moved, mover=mover.replicaid, peer=mover.peerid,
                                                   other=other, other_id=node.replicaid)  # fmt: skip
             return _refuse(Outcome.REPLICA_MISMATCH, text)
     return _compare_counters(secondary, primary)
+
+
+# The first words of the refusals above: the secondary's decision, which stays the same until an
+# operator acts (the primary retries those at hastd's guard pace, not every second).
+DECISION_REFUSALS = (SPLIT_BRAIN_ERRMSG, RESUID_MISMATCH_ERRMSG.split(" (")[0], "Replica mismatch:",
+                     STALE_SOURCE_ERRMSG.split(" (")[0])  # fmt: skip
+
+
+def is_decision_refusal(errmsg: str) -> bool:
+    return errmsg.startswith(DECISION_REFUSALS)
 
 
 def _adopt(resuid: int, virgin: bool) -> Decision:

@@ -22,6 +22,7 @@ from hastpy.syncdecide import (
     Outcome,
     counters_after_sync,
     decide,
+    is_decision_refusal,
     localcnt_after_write,
 )
 
@@ -167,6 +168,31 @@ def test_an_inconsistent_primary_is_only_ever_a_sync_target(sec, pri, refused):
         assert (d.errmsg, d.adopt_resuid, d.bitmap, d.exit_code) == (STALE_SOURCE_ERRMSG, None, None, os.EX_CONFIG)
     else:
         assert d == decide(sec, pri, virgin=False)
+
+
+def test_an_unfinished_target_of_this_primary_is_synced_in_full_though_unrecorded():
+    """C adopted A's resuid and named A its peer, but A's side of that handshake failed before A
+    recorded C: C's data is nothing to keep (marked), so a full sync, not a refusal forever."""
+    d = decide(ids(s(0, 0), C, A), ids(p(3, 3), A, B), virgin=False, secondary_inconsistent=True)
+    assert (d.outcome, d.syncsrc, d.bitmap, d.stale_side) == (Outcome.INCONSISTENT, SYNCSRC_PRIMARY, BitmapReply.ALL_ONES, "secondary")
+    # Not marked: a copy that holds data of its own (the old secondary of the main case).
+    assert decide(ids(s(0, 0), C, A), ids(p(3, 3), A, B), virgin=False).outcome == Outcome.REPLICA_MISMATCH
+    # Marked, but the target of another primary: refused.
+    assert decide(ids(s(0, 0), C, B), ids(p(3, 3), A, B), False, secondary_inconsistent=True).outcome == Outcome.REPLICA_MISMATCH
+    # Marked and recorded: the counters go on as usual (a reconnection in the middle of a sync).
+    assert decide(ids(s(3, 2), C, A), ids(p(5, 3), A, C), False, secondary_inconsistent=True).outcome == Outcome.SYNC_FROM_PRIMARY
+
+
+def test_decision_refusals_are_told_from_other_errors():
+    refusals = [decide(*case).errmsg for case in (
+        (s(4, 2), p(3, 3), False),  # split-brain
+        (s(1, 2, resuid=5), p(1, 1), False),
+        (ids(s(0, 0), B, A), ids(p(0, 0), A, C), False),
+        (s(3, 2), p(5, 3), False, True),
+    )]  # fmt: skip
+    assert all(is_decision_refusal(m) for m in refusals) and len(set(refusals)) == 4
+    for other in ("Unable to lock /dev/sdb: already in use.", "Resource not configured.", ""):
+        assert not is_decision_refusal(other)
 
 
 def test_a_resuid_mismatch_is_said_before_a_replica_mismatch():
