@@ -666,7 +666,8 @@ class Primary:
         """
         if hio.acked or hio.local_err is None:
             return False
-        if hio.fua or self.mode == "fullsync":
+        if hio.fua or self.mode == "fullsync" or self.syncsrc == syncdecide.SYNCSRC_SECONDARY:
+            # (The stale side waits for the peer whatever the mode: see _reply_write.)
             due = hio.parts == 0  # local is done, so every part left is remote
         elif self.mode == "memsync":
             due = hio.settled >= hio.remote_total
@@ -685,9 +686,21 @@ class Primary:
     def _reply_write(self, hio: Hio) -> None:
         # A write succeeds if the local disk took it; a local failure is reported even when the
         # remote succeeded (our local copy would be stale, and reads are served locally).
+        if self._stale_alone(hio):
+            return
         if not hio.remote_ok or self.link is None:
             self._bump_localcnt_if_first()
         hio.done(hio.local_err or 0, None)
+
+    def _stale_alone(self, hio: Hio) -> bool:
+        """While this node is the stale side (syncing from the secondary) a write the peer did
+        not take fails, and True is returned: acknowledged on our older disk alone it would be
+        copied over by that sync (its extent is marked for it), or, with localcnt bumped, turn
+        the next handshake into a split-brain. Reads fail the same way then (_read)."""
+        if hio.remote_ok or self.syncsrc != syncdecide.SYNCSRC_SECONDARY:
+            return False
+        hio.done(hio.local_err or errno.EIO, None)
+        return True
 
     def _finish_write(self, hio: Hio) -> None:
         """Both halves are resolved: release the activemap reference and the range."""
@@ -709,6 +722,8 @@ class Primary:
             self._clear_wanted.set()  # clear_loop writes it, together with others
 
     def _reply_fua(self, hio: Hio, flush_err: int) -> None:
+        if self._stale_alone(hio):
+            return
         if not hio.remote_ok or self.link is None:
             self._bump_localcnt_if_first()
         hio.done(hio.local_err or flush_err or 0, None)

@@ -10,6 +10,7 @@ secondary's disk-write gate (HASTPY_TEST_HOLD_DISK), and the primary is then kil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -253,3 +254,44 @@ def test_an_inconsistent_primary_is_no_source_for_a_new_copy(make_pair, tmp_path
         assert node_c.data() == a.data()
     finally:
         node_c.stop()
+
+
+@pytest.mark.parametrize("replication", ["fullsync", "async"])
+def test_a_stale_primary_that_loses_its_source_fails_writes_instead_of_diverging(make_pair, replication):
+    """node-a syncs from node-b (the newer copy) when node-b dies. A write node-a took alone
+    would be copied over by that sync when node-b is back (its extent is marked for it), or,
+    acknowledged with localcnt bumped, turn the reconnection into a split-brain: it fails with
+    EIO instead, in every mode, and the sync later finishes as if the link had only blinked."""
+    pair = make_pair(size=64 * MiB, replication=replication)
+    gate = pair.b.dir / "hold-disk"  # holds node-b's reads: the sync from it stops where it is
+    pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
+    pair.start()
+    a, b = pair.a, pair.b
+    a.role("init")
+    b.role("primary")
+    cl = b.client()
+    extent = b.status()["extentsize"]
+    for i in range(8):
+        cl.pwrite(i * extent, os.urandom(WRITE))
+    cl.flush()
+    cl.disconnect()
+    gate.touch()
+    b.role("secondary")
+    a.role("primary")
+    wait_for(lambda: a.status().get("inconsistent") is True, what="node-a marked inconsistent")
+    counters = a.status()["counters"]
+    b.kill_all()
+    gate.unlink()
+    wait_for(lambda: a.status()["status"] == "degraded", what="node-a without its source")
+    c = a.client()
+    with pytest.raises(OSError) as exc:
+        c.pwrite(20 * extent, b"x" * 4096)  # an extent the sync does not even touch
+    assert exc.value.errno == errno.EIO
+    c.disconnect()
+    assert a.status()["counters"] == counters  # no localcnt bump: no split-brain to come
+    b.start()
+    b.role("secondary")
+    pair.wait_synced()
+    wait_for(lambda: a.status()["inconsistent"] is False, what="node-a up to date")
+    assert "Split-brain" not in a.log.read_text()
+    assert a.data() == b.data()
