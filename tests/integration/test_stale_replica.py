@@ -33,6 +33,18 @@ def _dump(node) -> str:
     return node.hastctl("dump", node.res).stdout
 
 
+def _write_extents(node, extents) -> int:
+    """WRITE bytes at the start of each extent numbered in `extents`, through node's export,
+    flushed; returns the extent size."""
+    c = node.client()
+    extent = node.status()["extentsize"]
+    for i in extents:
+        c.pwrite(i * extent, os.urandom(WRITE))
+    c.flush()
+    c.disconnect()
+    return extent
+
+
 def _outdated_secondary(make_pair):
     """A pair whose secondary reconnected after an outage and holds the first sync write."""
     pair = make_pair(size=64 * MiB)
@@ -103,12 +115,7 @@ def test_a_stale_primary_is_marked_until_the_sync_from_the_secondary_completes(m
     # node-b serves alone for a while: its data becomes the newer copy.
     pair.a.role("init")
     pair.b.role("primary")
-    c = pair.b.client()
-    extent = pair.b.status()["extentsize"]
-    for i in range(DIRTY_EXTENTS):
-        c.pwrite(i * extent, os.urandom(WRITE))
-    c.flush()
-    c.disconnect()
+    _write_extents(pair.b, range(DIRTY_EXTENTS))
     # Back to node-a as primary: it is the older side and syncs from node-b (hast.md §7.2 row 3).
     pair.b.role("secondary")
     pair.a.role("primary")
@@ -130,12 +137,7 @@ def test_a_fresh_secondary_of_a_primary_that_wrote_before_it_ever_connected_is_m
     pair.start(connect=False)
     pair.a.role("primary")
     assert pair.a.status()["counters"]["resuid"] == 0  # never connected
-    c = pair.a.client()
-    extent = pair.a.status()["extentsize"]
-    for i in range(DIRTY_EXTENTS):
-        c.pwrite(i * extent, os.urandom(WRITE))
-    c.flush()
-    c.disconnect()
+    _write_extents(pair.a, range(DIRTY_EXTENTS))
     gate.touch()
     pair.b.role("secondary")
     wait_for(lambda: pair.b.status().get("inconsistent") is True, what="fresh secondary marked inconsistent")
@@ -210,28 +212,33 @@ def test_a_secondary_the_primary_moved_on_from_is_refused_until_recreated(make_p
         node_c.stop()
 
 
-def test_an_inconsistent_primary_is_no_source_for_a_new_copy(make_pair, tmp_path):
-    """A syncing from B (A older, marked inconsistent) is pointed at a fresh C mid-sync: it
-    refuses to copy its half-old data there, keeps the mark, and finishes from B later."""
-    pair = make_pair(size=64 * MiB)
-    gate = pair.b.dir / "hold-disk"  # holds B's reads too: the sync from B stops where it is
+def _stale_primary(make_pair, extents: int, before_sync=lambda pair: None, **params):
+    """node-b wrote `extents` extents alone as primary; then node-a is made primary again and
+    syncs from it (node-a the older copy, marked inconsistent), node-b's disk gate held, so
+    that sync stops where it is. before_sync(pair) runs just before. (pair, gate, extentsize)."""
+    pair = make_pair(size=64 * MiB, **params)
+    gate = pair.b.dir / "hold-disk"  # holds node-b's reads too
     pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
     pair.start()
     a, b = pair.a, pair.b
     a.role("init")
     b.role("primary")
-    cl = b.client()
-    extent = b.status()["extentsize"]
-    for i in range(16):
-        cl.pwrite(i * extent, os.urandom(WRITE))
-    cl.flush()
-    cl.disconnect()
-    node_c = _third_node(pair, tmp_path)
+    extent = _write_extents(b, range(extents))
+    before_sync(pair)
     gate.touch()
     b.role("secondary")
     a.role("primary")
+    wait_for(lambda: a.status().get("inconsistent") is True, what="node-a marked inconsistent")
+    return pair, gate, extent
+
+
+def test_an_inconsistent_primary_is_no_source_for_a_new_copy(make_pair, tmp_path):
+    """A syncing from B (A older, marked inconsistent) is pointed at a fresh C mid-sync: it
+    refuses to copy its half-old data there, keeps the mark, and finishes from B later."""
+    nodes = []
+    pair, gate, _ = _stale_primary(make_pair, 16, lambda pair: nodes.append(_third_node(pair, tmp_path)))
+    a, b, node_c = pair.a, pair.b, nodes[0]
     try:
-        wait_for(lambda: a.status().get("inconsistent") is True, what="A marked inconsistent")
         assert a.status()["sync"]["state"] == "running"
         _point(a, pair, node_c.ip)
         wait_for(lambda: f"Unable to connect to {node_c.ip}: The primary's data is inconsistent" in a.log.read_text(),
@@ -262,23 +269,8 @@ def test_a_stale_primary_that_loses_its_source_fails_writes_instead_of_diverging
     would be copied over by that sync when node-b is back (its extent is marked for it), or,
     acknowledged with localcnt bumped, turn the reconnection into a split-brain: it fails with
     EIO instead, in every mode, and the sync later finishes as if the link had only blinked."""
-    pair = make_pair(size=64 * MiB, replication=replication)
-    gate = pair.b.dir / "hold-disk"  # holds node-b's reads: the sync from it stops where it is
-    pair.b.params["env"] = {"HASTPY_TEST_HOLD_DISK": str(gate)}
-    pair.start()
+    pair, gate, extent = _stale_primary(make_pair, 8, replication=replication)
     a, b = pair.a, pair.b
-    a.role("init")
-    b.role("primary")
-    cl = b.client()
-    extent = b.status()["extentsize"]
-    for i in range(8):
-        cl.pwrite(i * extent, os.urandom(WRITE))
-    cl.flush()
-    cl.disconnect()
-    gate.touch()
-    b.role("secondary")
-    a.role("primary")
-    wait_for(lambda: a.status().get("inconsistent") is True, what="node-a marked inconsistent")
     counters = a.status()["counters"]
     b.kill_all()
     gate.unlink()
