@@ -350,6 +350,7 @@ class Primary:
             # hastd's primary reconnects; here the guard thread does, as the only one that
             # makes links. Writes the old peer did not confirm are marked for resync as on any
             # disconnection, and the new peer gets them (or all, if it is new) by the sync.
+            self._connect_error = ""  # a reason about the old address says nothing of the new
             change = _peer_change(res, old)
             log.info("%s%s: %s.", change[:1].upper(), change[1:], "disconnecting" if res.remote == const.REMOTE_NONE else "reconnecting")
             self._guard_wake.set()
@@ -400,6 +401,9 @@ class Primary:
             },
             "counters": {"resuid": self.md.resuid, "localcnt": self.md.localcnt, "remotecnt": self.md.remotecnt},
             "inconsistent": self.md.inconsistent,
+            # Why the last attempt to reach the peer failed, while degraded (a refusal such as a
+            # replica mismatch stays until an operator acts): None when connected or unknown.
+            "connect_error": (self._connect_error or None) if link is None else None,
         }
 
     # -- metadata and bitmap --------------------------------------------------------------------

@@ -192,6 +192,8 @@ def format_list(r: dict) -> str:
         lines.append(f"  workerpid: {r['workerpid']}")
     if r.get("worker_error"):
         lines.append(f"  worker error: {r['worker_error']}")
+    if r.get("connect_error"):
+        lines.append(f"  connect error: {r['connect_error']}")
     if r.get("config_pending"):
         lines.append("  configuration: reloaded, applies at the next role change (the device was busy)")
     if r.get("inconsistent"):

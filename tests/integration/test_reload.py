@@ -133,12 +133,14 @@ def test_a_primary_takes_a_new_remote_address_by_reconnecting(make_pair):
     assert "Configuration change not applied yet" not in a.log.read_text()  # not held for the client
     st = a.status()
     assert (st["workerpid"], st["status"], st["remoteaddr"], st["config_pending"]) == (pid, "degraded", "none", False)
+    assert st["connect_error"] is None  # no attempt is made, and none failed
     c.pwrite(4 * MiB, os.urandom(MiB))  # degraded: marked for the next peer
     time.sleep(3 * RECONNECT_INTERVAL)
     assert "Unable to connect to none" not in a.log.read_text()  # `none` is never resolved
     nowhere = pair.ip_a.rsplit(".", 1)[0] + ".3"  # the pair's subnet, nobody listening
     point_a_at(nowhere, 2)
     wait_for(lambda: f"Unable to connect to {nowhere}" in a.log.read_text(), what="attempts at the new address")
+    assert "Connection refused" in a.status()["connect_error"]
     c.pwrite(8 * MiB, os.urandom(MiB))
     point_a_at(pair.ip_b, 3)
     wait_for(lambda: a.log.read_text().count(f"Connected to {pair.ip_b}") == 2, what="reconnected to the secondary")
