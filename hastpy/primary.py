@@ -834,10 +834,9 @@ class Primary:
                 self.link = None
         self.channel.event("disconnect")
 
-    def handshake(self, timeout: float, res: Resource | None = None) -> Link:
-        """§4.1 from the primary's side (with res, default self.res). Raises RemoteError /
-        HastError with hastd's messages."""
-        res = res or self.res
+    def handshake(self, timeout: float, res: Resource) -> Link:
+        """§4.1 from the primary's side, with res (self.res when the attempt began). Raises
+        RemoteError / HastError with hastd's messages."""
         out = connect(res.remote, res.source, timeout)
         inn = None
         try:
@@ -1103,7 +1102,7 @@ def _stale_data_refusal(p: Primary, force: bool) -> str | None:
 def _peer_change(res: Resource, old) -> str:
     """What a reload changed of the peer's address or ours, from `old` (a Resource or a link's
     (remote, source)), for the log."""
-    remote, source = (old.remote, old.source) if isinstance(old, Resource) else old
+    remote = old.remote if isinstance(old, Resource) else old[0]
     if res.remote != remote:
         return f"remote address changed to {res.remote}"
     return f"source address changed to {res.source or 'any'}"

@@ -828,12 +828,11 @@ class Supervisor:
             rs.pending_res = None  # this configuration replaces one still waiting, if any
             if rs.res == r:
                 continue
-            if replace(rs.res, **{f: getattr(r, f) for f in HOOK_FIELDS}) == r:
+            if _differs_only_in(rs.res, r, HOOK_FIELDS):
                 rs.res = r  # only hastd runs hooks: nothing to restart
                 log.info("[%s] Hook settings changed.", name)
                 continue
-            live = HOOK_FIELDS + LIVE_FIELDS + (RECONNECT_FIELDS if rs.role == "primary" else ())
-            if replace(rs.res, **{f: getattr(r, f) for f in live}) == r:
+            if _differs_only_in(rs.res, r, HOOK_FIELDS + LIVE_FIELDS + (RECONNECT_FIELDS if rs.role == "primary" else ())):
                 rs.res = r  # a worker started from now on has them from its spec
                 self._reconfigure_worker(rs)
                 continue
@@ -889,6 +888,10 @@ class Supervisor:
             except FileNotFoundError:
                 pass
         self._close_listeners()
+
+
+def _differs_only_in(old: cfgmod.Resource, new: cfgmod.Resource, fields: tuple[str, ...]) -> bool:
+    return replace(old, **{f: getattr(new, f) for f in fields}) == new
 
 
 def _peer(conn: socket.socket) -> str:
