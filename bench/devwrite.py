@@ -2,6 +2,7 @@
 """Writes through the primary's /dev/hast/data (attach fuse) against nbdkit behind the same stack.
 
     .venv/bin/python bench/devwrite.py [--runs 5] [--mib 512] [--runtime 10] [--dir DIR] [--dd]
+                                       [--floor]
 
 Needs root (loop devices, FUSE mounts), fio, nbdkit, nbdfuse, losetup and fusermount3.
 
@@ -14,7 +15,12 @@ Sets up, in one run:
   own /dev/hast is touched);
 - "nbdkit": nbdkit's `file` plugin serving a sparse file of the hast export's size on a unix
   socket, made into a block device by the same code (hastpy.attach.attach("fuse", ...)), so both
-  targets have the same nbdfuse + direct-I/O loop stack and differ only in the NBD server.
+  targets have the same nbdfuse + direct-I/O loop stack and differ only in the NBD server;
+- with --floor, two more behind the same stack: "relay" and "relay-am", bench/relay.py's least
+  replicating server in Python (a write acknowledged once a second process on loopback TCP wrote
+  it too), without and with a durable activemap write for each write to an extent outside the
+  64 most recent ones (hast's default keepdirty and metaflush). They say how close a Python
+  server of hast's design could come to nbdkit here, and so how much of the distance is hast's.
 
 Then, alternating the targets run by run (and which one goes first), each run preceded by a
 `sync -f` so that one target's page-cache writeback is not charged to the other's run:
@@ -99,6 +105,10 @@ SYNC_TIMEOUT = 300.0
 REQUIRED_TOOLS = ("fio", "nbdkit", "nbdfuse", "losetup", "fusermount3", "sync")
 # Exit status on Ctrl-C / SIGTERM, as a shell reports a process killed by SIGINT.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+# --floor's arms: attachment name -> relay.py's --keepdirty (0: no activemap; 64: hast's default).
+RELAYS = {"relay": 0, "relay-am": 64}
+# relay.py's processes are up in a fraction of a second.
+RELAY_READY_TIMEOUT = 30.0
 
 
 class BenchError(Exception):
@@ -128,6 +138,45 @@ class FusePair(HastPair):
     def device(self) -> str:
         wait_for(self.link.exists, timeout=DEVICE_READY_TIMEOUT, what=f"{self.link} (attach fuse)")
         return os.path.realpath(self.link)
+
+
+class Relay:
+    """bench/relay.py's peer and primary, serving an export of `size` bytes on a unix socket."""
+
+    def __init__(self, root: Path, name: str, size: int, keepdirty: int):
+        d = root / name
+        d.mkdir()
+        self.socket = str(d / "nbd.sock")
+        for f in ("primary.img", "peer.img"):
+            with open(d / f, "wb") as fh:
+                fh.truncate(size + MiB)  # the primary's bitmap block sits in front of its data
+        script = str(Path(__file__).with_name("relay.py"))
+        self.procs = [
+            subprocess.Popen([sys.executable, script, "peer", "--file", str(d / "peer.img"), "--ready", str(d / "port")])
+        ]
+        port = wait_for(lambda: _read(d / "port"), RELAY_READY_TIMEOUT, f"{name}'s peer")
+        self.procs.append(subprocess.Popen([
+            sys.executable, script, "primary", "--socket", self.socket, "--file", str(d / "primary.img"), "--name", name,
+            "--size", str(size), "--peer", f"127.0.0.1:{port}", "--keepdirty", str(keepdirty), "--ready", str(d / "pid"),
+        ]))  # fmt: skip
+        wait_for(lambda: _read(d / "pid"), RELAY_READY_TIMEOUT, f"{name}'s primary")
+
+    @property
+    def servers(self) -> dict[str, int]:
+        return {"relay": self.procs[1].pid, "peer": self.procs[0].pid}
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text() or None
+    except FileNotFoundError:
+        return None
 
 
 class Target:
@@ -240,23 +289,35 @@ def residue(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         left += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(prefix)]
     left += leftovers(RES, str(root / "a" / "hastpy")) + leftovers(KIT, str(root / KIT / "state"))
+    for name in RELAYS:
+        left += leftovers(name, str(root / name / "state"))
     return sorted(set(left))
 
 
-def cleanup(root: Path, pair: FusePair | None, kit: Nbdkit | None, kit_att, keep: bool) -> list[str]:
-    """Tear down in the order that cannot wedge: the baseline's loop and FUSE mount while
-    nbdkit still answers, nbdkit, then the hastd pair (whose supervisor detaches its own device),
-    then a sweep of both attachments by name. Returns what could not be removed."""
+def cleanup(root: Path, pair: FusePair | None, kit: Nbdkit | None, kit_att, keep: bool,
+            relays: dict | None = None) -> list[str]:  # fmt: skip
+    """Tear down in the order that cannot wedge: each baseline's loop and FUSE mount while its
+    server still answers, that server, then the hastd pair (whose supervisor detaches its own
+    device), then a sweep of every attachment by name. `relays`: name -> (Relay or None,
+    attachment or None). Returns what could not be removed."""
     problems = []
     steps = []
     if kit_att is not None:
         steps.append(("detach the nbdkit device", lambda: detach(kit_att, force=True)))
     if kit is not None:
         steps.append(("stop nbdkit", kit.stop))
+    for name, (relay, att) in (relays or {}).items():
+        if att is not None:
+            steps.append((f"detach the {name} device", lambda att=att: detach(att, force=True)))
+        if relay is not None:
+            steps.append((f"stop {name}", relay.stop))
     if pair is not None:
         steps.append(("stop hastd", pair.stop))
     steps.append(("sweep the hast attachment", lambda: cleanup_stale(RES, str(root / "a" / "dev"), str(root / "a" / "hastpy"))))
     steps.append(("sweep the nbdkit attachment", lambda: cleanup_stale(KIT, str(root / KIT / "dev"), str(root / KIT / "state"))))
+    for name in relays or {}:
+        steps.append((f"sweep the {name} attachment",
+                      lambda name=name: cleanup_stale(name, str(root / name / "dev"), str(root / name / "state"))))  # fmt: skip
     for what, step in steps:
         try:
             step()
@@ -278,7 +339,7 @@ def med(values) -> float:
     return statistics.median(values)
 
 
-def report(results: dict[tuple[str, str], list[Measure]], tests: list[str], args) -> None:
+def report(results: dict[tuple[str, str], list[Measure]], tests: list[str], args, arms: list[str]) -> None:
     names = {
         "seq": f"seq {SEQ_BS // MiB} MiB write, libaio qd{SEQ_IODEPTH}",
         "rand": f"rand {RAND_BS // 1024} KiB write, libaio qd{RAND_IODEPTH}",
@@ -286,29 +347,33 @@ def report(results: dict[tuple[str, str], list[Measure]], tests: list[str], args
     }
     unit = {"seq": "MB/s", "rand": "IOPS", "dd": "MB/s"}
     target = {"seq": TARGET_SEQ, "rand": TARGET_RAND, "dd": None}
+    floors = [a for a in arms if a not in ("hast", "nbdkit")]
     print(f"\nmedians of {args.runs} runs ({args.mib} MiB area, fio {args.runtime} s + {FIO_RAMP} s ramp):")
     print(f"  {'test':36s} {'hast':>12s} {'nbdkit':>12s} {'ratio':>6s}  target")
     for t in tests:
         h, k = med(m.value for m in results[("hast", t)]), med(m.value for m in results[("nbdkit", t)])
         goal = f">= {target[t]}" + ("  met" if h / k >= target[t] else "  NOT met") if target[t] else "-"
         print(f"  {names[t]:36s} {h:9.0f} {unit[t]:4s}{k:9.0f} {unit[t]:4s} {h / k:5.2f}  {goal}")
+        for a in floors:
+            v = med(m.value for m in results[(a, t)])
+            print(f"  {'':4s}{a + ' (bench/relay.py)':32s} {v:9.0f} {unit[t]:4s}{'':13s}{v / k:5.2f}  (hast / {a}: {h / v:.2f})")
     print("  server CPU (median):")
     for t in tests:
         per, attr = ("ms/MiB", "cpu_ms_per_mib") if t != "rand" else ("us/write", "cpu_us_per_write")
         parts = []
-        for tgt in ("hast", "nbdkit"):
+        for tgt in arms:
             runs = [getattr(m, attr) for m in results[(tgt, t)]]
             labels = list(runs[0]) if runs and runs[0] else []
             vals = {lab: med(r[lab] for r in runs) for lab in labels}
             servers = " + ".join(f"{lab} {v:.2f}" for lab, v in vals.items() if lab not in NOT_SERVERS)
             total = sum(v for lab, v in vals.items() if lab not in NOT_SERVERS)
             parts.append(f"{tgt}: {servers} = {total:.2f} (its nbdfuse {vals.get('nbdfuse', 0):.2f})")
-        print(f"    {t:5s} {per:9s} " + ";  ".join(parts))
+        print(f"    {t:5s} {per:9s} " + ";\n                    ".join(parts))
     print("  machine CPU, everything included (median), and how busy the machine was:")
     for t in tests:
         per, attr = ("ms/MiB", "cpu_ms_per_mib") if t != "rand" else ("us/write", "cpu_us_per_write")
         parts = [f"{tgt} {med(getattr(m, attr)['machine'] for m in results[(tgt, t)]):.2f} "
-                 f"({med(m.busy for m in results[(tgt, t)]):.0%} busy)" for tgt in ("hast", "nbdkit")]  # fmt: skip
+                 f"({med(m.busy for m in results[(tgt, t)]):.0%} busy)" for tgt in arms]  # fmt: skip
         print(f"    {t:5s} {per:9s} " + ";  ".join(parts))
     if "seq" in tests:
         ceiling(results, args)
@@ -346,6 +411,8 @@ def parse_args(argv=None):
     ap.add_argument("--tests", default="seq,rand", help="comma-separated: seq, rand (default seq,rand)")
     ap.add_argument("--dd", action="store_true", help="also dd oflag=direct bs=1M, one request at a time")
     ap.add_argument("--keep", action="store_true", help="keep the directory (hastd logs) afterwards")
+    ap.add_argument("--floor", action="store_true",
+                    help="also bench/relay.py's least Python replicating server, without and with an activemap")  # fmt: skip
     args = ap.parse_args(argv)
     args.test_list = [t.strip() for t in args.tests.split(",") if t.strip()]
     bad = set(args.test_list) - {"seq", "rand"}
@@ -379,6 +446,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     args.root = root = Path(tempfile.mkdtemp(prefix="devwrite-", dir=args.dir))
     pair = kit = kit_att = None
+    relays: dict[str, tuple] = {}
     status = 0
     problems: list[str] = []
     try:
@@ -397,6 +465,12 @@ def main(argv=None) -> int:
             Target("hast", hast_dev, {"primary": pair.worker_pid("a"), "secondary": pair.worker_pid("b")}, hast_att.nbdfuse_pid),
             Target("nbdkit", kit_att.device, {"nbdkit": kit.proc.pid}, kit_att.nbdfuse_pid),
         ]
+        for name, keepdirty in RELAYS.items() if args.floor else ():
+            relay = Relay(root, name, size, keepdirty)
+            relays[name] = (relay, None)
+            att = attach("fuse", name, name, relay.socket, size, str(root / name / "dev"), str(root / name / "state"))
+            relays[name] = (relay, att)
+            targets.append(Target(name, att.device, relay.servers, att.nbdfuse_pid))
         src = None
         if args.dd:
             src = root / "src.img"
@@ -411,7 +485,7 @@ def main(argv=None) -> int:
             print(f"  {t.name:6s} {t.device}: {pids}", flush=True)
         results: dict[tuple[str, str], list[Measure]] = {(t.name, test): [] for t in targets for test in args.test_list}
         for i in range(args.runs):
-            order = targets if i % 2 == 0 else targets[::-1]
+            order = targets[i % len(targets) :] + targets[: i % len(targets)]
             for test in args.test_list:
                 for t in order:
                     m = measure(test, t, args, src)
@@ -421,7 +495,7 @@ def main(argv=None) -> int:
                     per = "us/write" if test == "rand" else "ms/MiB"
                     cpus = " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
                     print(f"  run {i + 1}: {test:4s} {t.name:6s} {m.value:9.1f} {unit}   cpu {per}: {cpus}", flush=True)
-        report(results, args.test_list, args)
+        report(results, args.test_list, args, [t.name for t in targets])
     except KeyboardInterrupt:
         print("\ndevwrite: interrupted; cleaning up", file=sys.stderr)
         status = EXIT_INTERRUPTED
@@ -433,7 +507,7 @@ def main(argv=None) -> int:
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            problems = cleanup(root, pair, kit, kit_att, args.keep)
+            problems = cleanup(root, pair, kit, kit_att, args.keep, relays)
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
