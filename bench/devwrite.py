@@ -61,6 +61,7 @@ import time
 from pathlib import Path
 
 from floor import busy_seconds, median_cost
+from relay import RELAY_ARMS, Relay
 from seqwrite import GiB, MiB, HastPair, Nbdkit, cpu_seconds, wait_for
 
 from hastpy.attach import attach, cleanup_stale, detach, leftovers
@@ -105,10 +106,6 @@ SYNC_TIMEOUT = 300.0
 REQUIRED_TOOLS = ("fio", "nbdkit", "nbdfuse", "losetup", "fusermount3", "sync")
 # Exit status on Ctrl-C / SIGTERM, as a shell reports a process killed by SIGINT.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
-# --floor's arms: attachment name -> relay.py's --keepdirty (0: no activemap; 64: hast's default).
-RELAYS = {"relay": 0, "relay-am": 64}
-# relay.py's processes are up in a fraction of a second.
-RELAY_READY_TIMEOUT = 30.0
 
 
 class BenchError(Exception):
@@ -138,45 +135,6 @@ class FusePair(HastPair):
     def device(self) -> str:
         wait_for(self.link.exists, timeout=DEVICE_READY_TIMEOUT, what=f"{self.link} (attach fuse)")
         return os.path.realpath(self.link)
-
-
-class Relay:
-    """bench/relay.py's peer and primary, serving an export of `size` bytes on a unix socket."""
-
-    def __init__(self, root: Path, name: str, size: int, keepdirty: int):
-        d = root / name
-        d.mkdir()
-        self.socket = str(d / "nbd.sock")
-        for f in ("primary.img", "peer.img"):
-            with open(d / f, "wb") as fh:
-                fh.truncate(size + MiB)  # the primary's bitmap block sits in front of its data
-        script = str(Path(__file__).with_name("relay.py"))
-        self.procs = [
-            subprocess.Popen([sys.executable, script, "peer", "--file", str(d / "peer.img"), "--ready", str(d / "port")])
-        ]
-        port = wait_for(lambda: _read(d / "port"), RELAY_READY_TIMEOUT, f"{name}'s peer")
-        self.procs.append(subprocess.Popen([
-            sys.executable, script, "primary", "--socket", self.socket, "--file", str(d / "primary.img"), "--name", name,
-            "--size", str(size), "--peer", f"127.0.0.1:{port}", "--keepdirty", str(keepdirty), "--ready", str(d / "pid"),
-        ]))  # fmt: skip
-        wait_for(lambda: _read(d / "pid"), RELAY_READY_TIMEOUT, f"{name}'s primary")
-
-    @property
-    def servers(self) -> dict[str, int]:
-        return {"relay": self.procs[1].pid, "peer": self.procs[0].pid}
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            p.wait(30)
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text() or None
-    except FileNotFoundError:
-        return None
 
 
 class Target:
@@ -289,7 +247,7 @@ def residue(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         left += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(prefix)]
     left += leftovers(RES, str(root / "a" / "hastpy")) + leftovers(KIT, str(root / KIT / "state"))
-    for name in RELAYS:
+    for name in RELAY_ARMS:
         left += leftovers(name, str(root / name / "state"))
     return sorted(set(left))
 
@@ -465,8 +423,8 @@ def main(argv=None) -> int:
             Target("hast", hast_dev, {"primary": pair.worker_pid("a"), "secondary": pair.worker_pid("b")}, hast_att.nbdfuse_pid),
             Target("nbdkit", kit_att.device, {"nbdkit": kit.proc.pid}, kit_att.nbdfuse_pid),
         ]
-        for name, keepdirty in RELAYS.items() if args.floor else ():
-            relay = Relay(root, name, size, keepdirty)
+        for name, keepdirty in RELAY_ARMS.items() if args.floor else ():
+            relay = Relay(root / name, name, size, keepdirty)
             relays[name] = (relay, None)
             att = attach("fuse", name, name, relay.socket, size, str(root / name / "dev"), str(root / name / "state"))
             relays[name] = (relay, att)

@@ -37,8 +37,11 @@ import errno
 import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 from hastpy.nbd.codec import NEED_DATA, Aborted, ConnectionClosed, OptionReply, Ready, ServerConnection
 
@@ -57,6 +60,11 @@ EXTENT = 2 * 1024 * 1024
 BITMAP_BLOCK = 512
 # The codec refuses requests above this anyway; hast's export advertises the same.
 MAX_REQUEST = 32 * 1024 * 1024
+# The arms the benchmarks' --floor adds: name -> --keepdirty (0: no activemap; 64: hast's
+# default, which with metaflush on, also hast's default, is what hast's arm runs).
+RELAY_ARMS = {"relay": 0, "relay-am": 64}
+# Both processes are up in a fraction of a second; this allows for a loaded machine.
+READY_TIMEOUT = 30.0
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -256,6 +264,59 @@ def _ready(path: str | None, text: str) -> None:
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.rename(path + ".tmp", path)
+
+
+# --- launching both, for the benchmarks ----------------------------------------------------------
+
+
+class Relay:
+    """This script's peer and primary as child processes, in directory `d` (created), serving
+    export `name` of `size` bytes on the unix socket `self.socket`."""
+
+    def __init__(self, d: Path, name: str, size: int, keepdirty: int):
+        d.mkdir()
+        self.socket = str(d / "nbd.sock")
+        for f in ("primary.img", "peer.img"):
+            with open(d / f, "wb") as fh:
+                fh.truncate(BITMAP_BLOCK + size)
+        cmd = [sys.executable, str(Path(__file__).resolve())]
+        self.procs = [subprocess.Popen(cmd + ["peer", "--file", str(d / "peer.img"), "--ready", str(d / "port")])]
+        try:
+            port = _wait_ready(d / "port", self.procs[0])
+            self.procs.append(subprocess.Popen(cmd + [
+                "primary", "--socket", self.socket, "--file", str(d / "primary.img"), "--name", name,
+                "--size", str(size), "--peer", f"127.0.0.1:{port}", "--keepdirty", str(keepdirty), "--ready", str(d / "pid"),
+            ]))  # fmt: skip
+            _wait_ready(d / "pid", self.procs[1])
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def servers(self) -> dict[str, int]:
+        """Label -> pid, for CPU accounting."""
+        return {"relay": self.procs[1].pid, "peer": self.procs[0].pid}
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+
+
+def _wait_ready(path: Path, proc: subprocess.Popen) -> str:
+    end = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"relay.py exited with status {proc.returncode} before it was ready")
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.02)
+    raise RuntimeError(f"relay.py not ready after {READY_TIMEOUT:.0f} s (no {path})")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sequential-write throughput through the primary's NBD export, against nbdkit's `file` plugin.
 
-    .venv/bin/python bench/seqwrite.py [--runs 5] [--mib 512] [--dir DIR] [--replication fullsync]
+    .venv/bin/python bench/seqwrite.py [--runs 5] [--mib 512] [--dir DIR] [--replication fullsync] [--floor]
 
 Sets up, in one run: a hastd pair on two loopback addresses (127.X.Y.1 primary, .2 secondary),
 each with a sparse provider of --provider bytes (1 GiB), and nbdkit's file plugin serving a sparse
@@ -16,7 +16,8 @@ Prints MB/s (10^6 bytes per second) of each target, the median of --runs runs, a
 hast / nbdkit; and the CPU time each target's server processes spent per MiB written (both hastd
 workers; nbdkit), a figure much less sensitive than MB/s to what else the machine is running. Neither client flushes at the end: this measures the replication pipeline, not
 the page cache's writeback. `--only hast` keeps nbdkit out (e.g. while profiling the workers; the
-worker pids are printed at start-up).
+worker pids are printed at start-up). `--floor` adds bench/relay.py's least replicating server in
+Python, without and with hast's activemap, as two more targets (relay, relay-am).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from hastpy import control
 from hastpy.nbd.client import NBDClient
 from hastpy.nbd.codec import Command
+from relay import RELAY_ARMS, Relay
 
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
@@ -211,6 +213,8 @@ def main() -> int:
     ap.add_argument("--only", choices=("hast", "nbdkit"), default=None, help="measure one target only")
     ap.add_argument("--clients", default="nbdcopy,hastpy", help="comma-separated: nbdcopy, hastpy")
     ap.add_argument("--keep", action="store_true", help="keep the directory (logs) afterwards")
+    ap.add_argument("--floor", action="store_true",
+                    help="also bench/relay.py's least Python replicating server, without and with an activemap")  # fmt: skip
     args = ap.parse_args()
     if shutil.which("nbdcopy") is None or shutil.which("nbdkit") is None:
         print("needs nbdcopy (libnbd-bin) and nbdkit", file=sys.stderr)
@@ -224,6 +228,7 @@ def main() -> int:
     data = memoryview(src.read_bytes())  # also puts the source in the page cache
     pair = HastPair(root, args.provider, args.replication, args.metaflush)
     kit = None
+    relays: list[Relay] = []
     try:
         pair.start()
         size = pair.datasize()
@@ -235,13 +240,19 @@ def main() -> int:
             targets["nbdkit"] = kit.socket
         if args.only == "nbdkit":
             del targets["hast"]
+        # Whose CPU time a run of each target costs: both hastd workers, or nbdkit, or both relay.py processes.
+        pids = {"hast": [pair.worker_pid("a"), pair.worker_pid("b")], "nbdkit": [kit.proc.pid] if kit else []}
+        who = {"hast": ("primary", "secondary"), "nbdkit": ("nbdkit",)}
+        for name, keepdirty in RELAY_ARMS.items() if args.floor else ():
+            relays.append(Relay(root / name, "", size, keepdirty))
+            targets[name] = relays[-1].socket
+            pids[name] = list(relays[-1].servers.values())
+            who[name] = tuple(relays[-1].servers)
         print(f"seqwrite: {args.mib} MiB per run, {args.runs} runs each, {args.replication}, metaflush {args.metaflush}, provider "
               f"{args.provider // MiB} MiB x 2 in {root}", flush=True)  # fmt: skip
         print(f"  hastd pids: node-a {pair.procs['a'].pid}, node-b {pair.procs['b'].pid}; workers: primary "
               f"{pair.worker_pid('a')}, secondary {pair.worker_pid('b')}; hastpy from {pair.hastpy_source()}", flush=True)  # fmt: skip
         clients = [c.strip() for c in args.clients.split(",") if c.strip()]
-        # Whose CPU time a run of each target costs: both hastd workers, or nbdkit.
-        pids = {"hast": [pair.worker_pid("a"), pair.worker_pid("b")], "nbdkit": [kit.proc.pid] if kit else []}
         results: dict[tuple[str, str], list[float]] = {(c, t): [] for c in clients for t in targets}
         cpu: dict[tuple[str, str], list[list[float]]] = {(c, t): [] for c in clients for t in targets}
         for i in range(args.runs):
@@ -264,18 +275,19 @@ def main() -> int:
         for client in clients:
             med = {t: statistics.median(results[(client, t)]) for t in targets}
             line = f"  {labels[client]}: " + ", ".join(f"{t} {v:.1f} MB/s" for t, v in med.items())
-            if "hast" in med and "nbdkit" in med:
-                line += f", ratio {med['hast'] / med['nbdkit']:.2f}"
+            if "nbdkit" in med:
+                line += ", ratio to nbdkit: " + ", ".join(f"{t} {v / med['nbdkit']:.2f}" for t, v in med.items() if t != "nbdkit")
             print(line, flush=True)
             for t in targets:
                 runs = cpu[(client, t)]
-                who = ("primary", "secondary") if t == "hast" else ("nbdkit",)
-                per = ", ".join(f"{w} {statistics.median(r[k] for r in runs):.2f}" for k, w in enumerate(who))
+                per = ", ".join(f"{w} {statistics.median(r[k] for r in runs):.2f}" for k, w in enumerate(who[t]))
                 print(f"      cpu ms per MiB written, {t}: {per}", flush=True)
         st = pair.status("a")
         print(f"  primary after the runs: status {st.get('status')}, dirty {st.get('dirty')}, "
               f"statistics {st.get('statistics')}")  # fmt: skip
     finally:
+        for r in relays:
+            r.stop()
         if kit:
             kit.stop()
         pair.stop()

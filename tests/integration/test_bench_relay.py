@@ -2,12 +2,9 @@
 nothing. Real processes on a unix socket and loopback TCP, our NBD client, several connections.
 """
 
-import os
 import random
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,42 +15,17 @@ pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB
-BITMAP_BLOCK = 512  # relay.py: the primary's data sits behind its bitmap block
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "relay.py"
-READY_TIMEOUT = 20.0
-
-
-def _wait_file(path: Path) -> str:
-    end = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < end:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never appeared")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from relay import BITMAP_BLOCK, Relay  # noqa: E402 - bench/ is not a package
 
 
 @pytest.fixture(params=[0, 4], ids=["no-activemap", "activemap"])
 def relay(tmp_path, request):
-    for f in ("p.img", "s.img"):
-        with open(tmp_path / f, "wb") as fh:
-            fh.truncate(SIZE + MiB)
-    py = [sys.executable, str(SCRIPT)]
-    peer = subprocess.Popen(py + ["peer", "--file", str(tmp_path / "s.img"), "--ready", str(tmp_path / "port")])
-    procs = [peer]
+    r = Relay(tmp_path / "floor", "floor", SIZE, request.param)
     try:
-        port = _wait_file(tmp_path / "port")
-        sock = str(tmp_path / "nbd.sock")
-        procs.append(subprocess.Popen(py + [
-            "primary", "--socket", sock, "--file", str(tmp_path / "p.img"), "--name", "floor",
-            "--size", str(SIZE), "--peer", f"127.0.0.1:{port}", "--keepdirty", str(request.param),
-            "--ready", str(tmp_path / "pid"),
-        ]))  # fmt: skip
-        _wait_file(tmp_path / "pid")
-        yield tmp_path, sock, procs
+        yield tmp_path / "floor", r.socket, r.procs[::-1]  # primary first
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        r.stop()
 
 
 def test_relay_writes_both_copies_before_acknowledging(relay):
@@ -82,8 +54,8 @@ def test_relay_writes_both_copies_before_acknowledging(relay):
         t.join(60)
     # Every write was acknowledged, and acknowledgement waits for the peer: both copies hold
     # everything now, without waiting or stopping anything.
-    primary = (tmp / "p.img").read_bytes()[BITMAP_BLOCK : BITMAP_BLOCK + SIZE]
-    peer = (tmp / "s.img").read_bytes()[:SIZE]
+    primary = (tmp / "primary.img").read_bytes()[BITMAP_BLOCK : BITMAP_BLOCK + SIZE]
+    peer = (tmp / "peer.img").read_bytes()[:SIZE]
     assert primary == bytes(expected)
     assert peer == bytes(expected)
     c = NBDClient.connect_unix(sock, "floor")
@@ -107,7 +79,7 @@ def test_relay_activemap_marks_only_new_extents(relay, request):
     keepdirty = request.node.callspec.params["relay"]
 
     def file_bytes_written() -> int:  # write(2)-family bytes of the whole process; sends are not
-        with open(f"/proc/{procs[1].pid}/io") as f:
+        with open(f"/proc/{procs[0].pid}/io") as f:
             return int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
 
     c = NBDClient.connect_unix(sock, "floor")
