@@ -14,6 +14,7 @@ from hastpy.constants import DEFAULT_PORT, MAX_IOV
 from hastpy.config import parse_tcp_address
 from hastpy.errors import NvError, RemoteProtocolError
 from hastpy.nv import NvLayout, NvList, NvType
+from hastpy.proto.messages import REQUEST_WITH_PAYLOAD_LAYOUT
 from hastpy.proto.frame import (
     HEADER,
     HEADER_SIZE,
@@ -31,10 +32,13 @@ LISTEN_BACKLOG = 8
 # and for a few thousand small replies per recv. Payloads above SMALL_PAYLOAD bypass it (recv_into
 # their own buffer).
 HEAD_BUFFER = 2 * MAX_NV_SIZE
-# FrameStream's read-ahead on a stream of frames that carry payloads: a request's header and nv
-# list (~100 bytes) fit many times over, and at most this much of a payload is copied through the
-# header buffer instead of being received in place.
-PAYLOAD_READ_AHEAD = 4096
+# FrameStream's read-ahead on a stream of frames that carry large payloads (the secondary's
+# requests): exactly the frame header and nv list of a plain WRITE, so that nothing of its payload
+# comes with them. A payload partly read ahead has to be assembled in a buffer of its own
+# allocated zero-filled (a memset of the whole payload, up to maxio) before the rest is received
+# into it; one with nothing read ahead is received whole into a buffer recv allocates unfilled.
+# A longer header (memsync, checksum or compression fields) costs one more receive.
+PAYLOAD_READ_AHEAD = HEADER_SIZE + REQUEST_WITH_PAYLOAD_LAYOUT.size
 # ... except after a frame whose payload was at most this: small frames come in runs (random 4 KiB
 # writes), and one receive of the whole buffer then brings several of them, payloads included,
 # for one system call instead of two per frame.

@@ -73,6 +73,31 @@ def test_large_payload_after_small_frames(pair):
     sender.join(TIMEOUT)
 
 
+def test_large_writes_in_a_row_read_nothing_of_their_payload_with_the_header(pair):
+    """PAYLOAD_READ_AHEAD is exactly a plain WRITE's header: each large payload behind another is
+    received whole into a buffer of its own (no zero-filled buffer to assemble it in, which a
+    payload byte read with the header would force), although the bytes behind each header are
+    already there."""
+    a, b = pair
+    stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
+    assembled = []
+    real = stream._recv_into  # noqa: SLF001
+
+    def recording(view, flags=0):
+        if flags:  # only the assembling path receives a payload's rest with MSG_WAITALL here
+            assembled.append(len(view))
+        return real(view, flags)
+
+    stream._recv_into = recording  # noqa: SLF001
+    payloads = [os.urandom(256 * 1024) for _ in range(20)]
+    sender = threading.Thread(target=lambda: [send_buffers(a, write_frame(i + 1, p)) for i, p in enumerate(payloads)])
+    sender.start()
+    time.sleep(0.2)  # the socket's buffer is full: a header arrives with payload bytes behind it
+    assert [bytes(stream.recv().payload) for _ in payloads] == payloads
+    sender.join(TIMEOUT)
+    assert assembled == []
+
+
 def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
     """A FLUSH between large writes must not make the next header's receive pull part of the
     next large payload through the buffer: after FLUSH the stream still reads ahead only
