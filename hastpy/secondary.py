@@ -281,11 +281,14 @@ def _exists_at(dir_fd: int, name: str) -> bool:
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
     """Decide the sync direction (hast.md §7.2), answer the primary; None when refused."""
     if not md.replicaid:
-        # Before deciding, and written below with the rest: a copy from before the IDs (or whose
-        # ID an older hastpy dropped) must not pass as "unknown" a primary that has moved on to
-        # another copy. The price: such a copy is refused by a primary that still names its old
-        # ID, and is recreated (README, split-brain).
+        # Before deciding: a copy from before the IDs (or whose ID an older hastpy dropped) must
+        # not pass as "unknown" a primary that has moved on to another copy. The price: such a
+        # copy is refused by a primary that still names its old ID, and is recreated (README,
+        # split-brain). Durable at once, refused or not: a copy keeps one ID, which the logs of
+        # every later attempt name.
         md = replace(md, replicaid=metadata.new_replica_id())
+        metadata.write_metadata(prov.fd, md)
+        localio.flush(prov.fd)
     d = syncdecide.decide(
         secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt, md.replicaid, md.peerid),
         primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),

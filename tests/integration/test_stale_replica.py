@@ -14,12 +14,14 @@ import errno
 import json
 import os
 import time
+from dataclasses import replace
 
 import pytest
 
 from harness import MiB, Node, wait_for
 from hastpy import constants as const
-from hastpy.primary import RECONNECT_INTERVAL
+from hastpy import metadata
+from hastpy.primary import RECONNECT_INTERVAL, REFUSED_RETRY
 
 pytestmark = [pytest.mark.integration]
 
@@ -290,3 +292,32 @@ def test_a_stale_primary_that_loses_its_source_fails_writes_instead_of_diverging
     wait_for(lambda: a.status()["inconsistent"] is False, what="node-a up to date")
     assert "Split-brain" not in a.log.read_text()
     assert a.data() == b.data()
+
+
+def _replicaid(node) -> int:
+    with open(node.disk, "rb") as f:
+        return metadata.read_metadata(f).replicaid
+
+
+def test_a_copy_without_an_id_keeps_the_one_it_is_given_when_refused(make_pair):
+    """B's metadata lost its copy ID (an older hastpy rewrote it): B gives itself a new one, so
+    the primary, which names B's old ID, is refused. The new ID is on B's disk from the first
+    attempt, and every retry names that same copy."""
+    pair = make_pair(size=16 * MiB).start()
+    a, b = pair.a, pair.b
+    old_id = _replicaid(b)
+    assert old_id
+    b.role("init")
+    with open(b.disk, "r+b") as f:
+        md = metadata.read_metadata(f)
+        metadata.write_metadata(f, replace(md, replicaid=0))
+    b.role("secondary")
+    wait_for(lambda: "Replica mismatch" in b.log.read_text(), what="B refused")
+    new_id = _replicaid(b)
+    assert new_id not in (0, old_id)
+    assert f"copy {new_id:016x}" in b.log.read_text()
+    wait_for(lambda: b.log.read_text().count("Replica mismatch") >= 2, timeout=REFUSED_RETRY * 3, what="a retry")
+    assert _replicaid(b) == new_id
+    refusals = [line for line in b.log.read_text().splitlines() if "Replica mismatch" in line]
+    assert all(f"copy {new_id:016x}" in line for line in refusals), refusals
+    assert a.status()["status"] == "degraded"
