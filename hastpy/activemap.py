@@ -91,6 +91,12 @@ def _and(a, b) -> bytearray:
     return bytearray(both.to_bytes(size, "little"))
 
 
+def _or(a, b) -> bytes:
+    size = len(a)
+    either = int.from_bytes(a, "little") | int.from_bytes(b, "little")
+    return either.to_bytes(size, "little")
+
+
 class SyncChunk(NamedTuple):
     """One piece of the sync walk: copy [offset, offset+length) from the sync source to the target.
 
@@ -153,6 +159,8 @@ class ActiveMap:
         # Most recently written extents, least recent first; their bits stay set on disk so that a
         # hot working set does not rewrite the bitmap on every write.
         self._lru: OrderedDict[int, None] = OrderedDict()
+        # The same extents as bits: every image is memmap | lrumap, made without a loop over them.
+        self._lrumap = bytearray(self.mapsize)
         # Bits known to be on disk. Starts all-clear: claiming fewer bits than the disk has is safe
         # (at worst one extra flush); claiming more is not.
         self._diskmap = bytearray(self.mapsize)
@@ -296,10 +304,7 @@ class ActiveMap:
         then none of its new bits count as on disk, and bits it clears count as gone already,
         since a failed or torn write may have cleared them.
         """
-        image = bytearray(self._memmap)
-        for ext in self._lru:
-            _set(image, ext)
-        result = bytes(image)
+        result = _or(self._memmap, self._lrumap)
         self._diskmap = _and(self._diskmap, result)
         self._inflight = result
         return result
@@ -327,10 +332,7 @@ class ActiveMap:
 
     def flush_needed(self) -> bool:
         """True if the current image differs from what is known to be on disk. O(mapsize)."""
-        image = bytearray(self._memmap)
-        for ext in self._lru:
-            _set(image, ext)
-        return image != self._diskmap
+        return _or(self._memmap, self._lrumap) != self._diskmap
 
     # --- the sync walk --------------------------------------------------------------------------
 
@@ -436,6 +438,7 @@ class ActiveMap:
         if ext >= self.nextents or ext in self._lru:
             return
         self._lru[ext] = None
+        _set(self._lrumap, ext)
         touched.append(ext)
 
     def _lru_touch(self, ext: int, touched: list[int]) -> None:
@@ -449,13 +452,15 @@ class ActiveMap:
             return
         while len(lru) >= self.keepdirty:
             evicted, _ = lru.popitem(last=False)
+            _clear(self._lrumap, evicted)
             touched.append(evicted)
         lru[ext] = None
+        _set(self._lrumap, ext)
 
     def _differs(self, exts) -> bool:
         """Whether the image bit of any of exts differs from the bit known on disk."""
         for ext in exts:
-            in_image = _test(self._memmap, ext) or ext in self._lru
+            in_image = _test(self._memmap, ext) or _test(self._lrumap, ext)
             if in_image != _test(self._diskmap, ext):
                 return True
         return False
