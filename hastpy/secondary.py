@@ -303,6 +303,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
             channel.event("split-brain")
         else:
             log.error("%s", d.errmsg)
+        channel.event("refused", reason=d.errmsg)  # for hastctl list here, as the primary shows it
         send_frame(reqsock, version, msg.ErrorReply(d.errmsg).to_nv())
         return None
     if d.adopt_resuid:
@@ -364,6 +365,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
         md = prov.read_metadata(res.name)
     except HastError as exc:
         log.error("%s", exc)
+        channel.event("refused", reason=str(exc))
         send_frame(reqsock, version, msg.ErrorReply(str(exc)).to_nv())
         return exc.exit_code
     done = _handshake(res, prov, md, spec["handshake"], reqsock, version, channel)

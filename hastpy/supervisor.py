@@ -80,6 +80,9 @@ class ResState:
     worker_error: str | None = None  # why the role fell back to init (worker failed), for hastctl list
     worker_exit: int | None = None  # that worker's exit status (failover tells refusals apart by it)
     refusal: str | None = None  # the reason a primary worker gave before refusing to serve
+    # A secondary's side of the primary's "connect error": why this node refused the last
+    # handshake (split-brain, a mismatch, a stale source, its provider), until one succeeds.
+    peer_refusal: str | None = None
     # A reloaded configuration that could not be applied (the device was busy): it takes effect
     # at the next role change, when the worker is restarted anyway.
     pending_res: cfgmod.Resource | None = None
@@ -523,8 +526,14 @@ class Supervisor:
         out: it answers nothing any more and is dropped."""
         ev = obj.get("event")
         if ev == "refused":
-            rs.refusal = str(obj.get("reason") or "")[:REFUSAL_MAX] or None
+            reason = str(obj.get("reason") or "")[:REFUSAL_MAX] or None
+            if rs.worker is not None and rs.worker.role == "secondary":
+                rs.peer_refusal = reason
+            else:
+                rs.refusal = reason
             return
+        if ev == "connect":
+            rs.peer_refusal = None
         if ev == "ready":
             if rs.worker:
                 rs.worker.ready = True
@@ -589,6 +598,7 @@ class Supervisor:
         rs.restart_at = None
         rs.worker_error = None
         rs.worker_exit = None
+        rs.peer_refusal = None
         rs.role = role
         log.info("[%s] Role changed to %s.", rs.res.name, role)
         self.hooks.run(rs.res.exec, "role", rs.res.name, old, role, timeout=rs.res.hook_timeout)
@@ -648,6 +658,8 @@ class Supervisor:
             "worker_exit": rs.worker_exit,
             "config_pending": rs.pending_res is not None,  # a reload waits for the next role change
         }
+        if rs.role == "secondary":
+            st["connect_error"] = rs.peer_refusal
         ws = self.worker_status(rs)
         if ws:
             ws.pop("role", None)

@@ -301,5 +301,8 @@ def test_split_brain_detected_and_refused(make_pair, tmp_path):
     pair.b.role("secondary")  # reconnect: the counters show both wrote alone
     wait_for(lambda: log.exists() and log.read_text().count("split-brain data") >= 2, what="split-brain hooks on both")
     assert pair.a.status()["status"] == "degraded"
+    # Both nodes' hastctl say why they are apart.
+    assert pair.a.status()["connect_error"].startswith("Split-brain")
+    assert pair.b.status()["connect_error"].startswith("Split-brain")
     time.sleep(1)
     assert pair.a.data() == a_before and pair.b.data() == b_before

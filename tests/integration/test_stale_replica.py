@@ -204,6 +204,9 @@ def test_a_secondary_the_primary_moved_on_from_is_refused_until_recreated(make_p
         assert (st["status"], st["remoteaddr"]) == ("degraded", pair.ip_b)
         assert st["connect_error"].startswith("Replica mismatch: the primary")  # hastctl tells why
         assert "  connect error: Replica mismatch: the primary" in a.hastctl("list", a.res).stdout
+        # ... and so does it on B, which refused.
+        assert b.status()["connect_error"].startswith("Replica mismatch: the primary")
+        assert "  connect error: Replica mismatch: the primary" in b.hastctl("list", b.res).stdout
         assert b.data() == b_before  # nothing was copied to B, right or wrong
         # The way out the message gives: recreate B, which then gets everything.
         b.role("init")
@@ -211,6 +214,7 @@ def test_a_secondary_the_primary_moved_on_from_is_refused_until_recreated(make_p
         b.role("secondary")
         pair.wait_synced()
         assert a.status()["connect_error"] is None
+        assert b.status()["connect_error"] is None
         c.disconnect()
         assert a.data() == b.data()
     finally:
