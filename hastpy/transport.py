@@ -33,11 +33,12 @@ LISTEN_BACKLOG = 8
 # their own buffer).
 HEAD_BUFFER = 2 * MAX_NV_SIZE
 # FrameStream's read-ahead on a stream of frames that carry large payloads (the secondary's
-# requests): exactly the frame header and nv list of a plain WRITE, so that nothing of its payload
-# comes with them. A payload partly read ahead has to be assembled in a buffer of its own
-# allocated zero-filled (a memset of the whole payload, up to maxio) before the rest is received
-# into it; one with nothing read ahead is received whole into a buffer recv allocates unfilled.
-# A longer header (memsync, checksum or compression fields) costs one more receive.
+# requests), counted from a frame's start: exactly the frame header and nv list of a plain WRITE,
+# so that nothing of its payload comes with them. A payload partly read ahead has to be assembled
+# in a buffer of its own allocated zero-filled (a memset of the whole payload, up to maxio) before
+# the rest is received into it; one with nothing read ahead is received whole into a buffer recv
+# allocates unfilled. A longer header (memsync, hastd's default; checksum or compression fields)
+# costs one more receive, never a payload byte.
 PAYLOAD_READ_AHEAD = HEADER_SIZE + REQUEST_WITH_PAYLOAD_LAYOUT.size
 # ... except after a frame whose payload was at most this: small frames come in runs (random 4 KiB
 # writes), and one receive of the whole buffer then brings several of them, payloads included,
@@ -196,14 +197,15 @@ class FrameStream:
 
     def recv(self) -> Frame:
         """The next frame; ConnectionError at EOF, RemoteProtocolError on a malformed one."""
-        version, nvsize = HEADER.unpack(self._take(HEADER_SIZE))
+        version, nvsize = HEADER.unpack(self._take(HEADER_SIZE, self._ahead))
         if version > self.max_version:
             raise RemoteProtocolError(
                 f"RPC version mismatch: peer framed version {version}, we speak up to {self.max_version}"
             )
         if nvsize > MAX_NV_SIZE:
             raise RemoteProtocolError(f"nv header of {nvsize} bytes exceeds the limit {MAX_NV_SIZE}")
-        raw = self._take(nvsize)
+        # The read-ahead counts from the frame's start: what it allowed for the header is spent.
+        raw = self._take(nvsize, self._ahead - HEADER_SIZE)
         nv = None
         for layout in self._layouts:
             nv = layout.decode(raw)
@@ -221,7 +223,7 @@ class FrameStream:
             return Frame(version, nv, memoryview(b""))
         self._ahead = HEAD_BUFFER if size <= SMALL_PAYLOAD else self._read_ahead
         if size <= SMALL_PAYLOAD:  # through the buffer, with the frames behind it
-            return Frame(version, nv, memoryview(self._take(size)))
+            return Frame(version, nv, memoryview(self._take(size, self._ahead)))
         got = min(size, self._end - self._start)
         if not got:
             # The common case: nothing of it read ahead. One receive into a bytes that recv
@@ -251,15 +253,15 @@ class FrameStream:
             got += n
         return Frame(version, nv, payload)
 
-    def _take(self, n: int) -> bytes:
-        """The next n bytes (n <= HEAD_BUFFER), receiving up to read_ahead bytes at a time."""
+    def _take(self, n: int, ahead: int) -> bytes:
+        """The next n bytes (n <= HEAD_BUFFER); a receive asks for up to `ahead` bytes from here."""
         if self._end - self._start < n:
             if self._start:
                 left = self._end - self._start
                 self._view[:left] = self._view[self._start : self._end]
                 self._start, self._end = 0, left
             while self._end < n:
-                limit = min(HEAD_BUFFER, self._start + max(n, self._ahead))
+                limit = min(HEAD_BUFFER, self._start + max(n, ahead))
                 got = self._recv_into(self._view[self._end : limit])
                 if not got:
                     raise ConnectionError("connection closed by peer")

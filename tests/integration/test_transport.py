@@ -73,11 +73,12 @@ def test_large_payload_after_small_frames(pair):
     sender.join(TIMEOUT)
 
 
-def test_large_writes_in_a_row_read_nothing_of_their_payload_with_the_header(pair):
-    """PAYLOAD_READ_AHEAD is exactly a plain WRITE's header: each large payload behind another is
-    received whole into a buffer of its own (no zero-filled buffer to assemble it in, which a
-    payload byte read with the header would force), although the bytes behind each header are
-    already there."""
+def test_large_writes_read_nothing_of_their_payload_with_the_header(pair):
+    """PAYLOAD_READ_AHEAD is exactly a plain WRITE's header, counted from each frame's start: every
+    large payload is received whole into a buffer of its own (no zero-filled buffer to assemble
+    it in, which one payload byte read with the header would force), although the bytes behind
+    each header are already there, and whatever short frames (FLUSH, KEEPALIVE, READ) or longer
+    headers (memsync, hastd's default) come between."""
     a, b = pair
     stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
     assembled = []
@@ -89,12 +90,22 @@ def test_large_writes_in_a_row_read_nothing_of_their_payload_with_the_header(pai
         return real(view, flags)
 
     stream._recv_into = recording  # noqa: SLF001
-    payloads = [os.urandom(256 * 1024) for _ in range(20)]
-    sender = threading.Thread(target=lambda: [send_buffers(a, write_frame(i + 1, p)) for i, p in enumerate(payloads)])
+    big = [os.urandom(256 * 1024) for _ in range(6)]
+    short = [
+        encode_frame(msg.PROTO_VERSION, msg.Request(msg.Cmd.FLUSH, 100, 0, 0).to_nv()),
+        encode_frame(msg.PROTO_VERSION, msg.Request.keepalive().to_nv()),
+        encode_frame(msg.PROTO_VERSION, msg.Request(msg.Cmd.READ, 101, 0, 4096).to_nv()),
+    ]
+    memsync = msg.Request(msg.Cmd.WRITE, 7, 0, len(big[5]), memsync=True)
+    frames = [write_frame(1, big[0]), write_frame(2, big[1]), short[0], write_frame(3, big[2]), short[1],
+              write_frame(4, big[3]), short[2], write_frame(5, big[4]), encode_frame(msg.PROTO_VERSION, memsync.to_nv(), big[5]),
+              write_frame(6, big[0])]  # fmt: skip
+    sender = threading.Thread(target=lambda: [send_buffers(a, f) for f in frames])
     sender.start()
     time.sleep(0.2)  # the socket's buffer is full: a header arrives with payload bytes behind it
-    assert [bytes(stream.recv().payload) for _ in payloads] == payloads
+    got = [bytes(stream.recv().payload) for _ in frames]
     sender.join(TIMEOUT)
+    assert got == [big[0], big[1], b"", big[2], b"", big[3], b"", big[4], big[5], big[0]]
     assert assembled == []
 
 
