@@ -14,6 +14,7 @@ The secondary never serves I/O to anyone but its primary.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,7 +27,7 @@ from dataclasses import replace
 from hastpy import constants as const
 from hastpy import localio, metadata, syncdecide
 from hastpy.config import Resource
-from hastpy.errors import HastError, RemoteProtocolError
+from hastpy.errors import HastError, ProviderError, RemoteProtocolError
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
@@ -278,8 +279,17 @@ def _exists_at(dir_fd: int, name: str) -> bool:
         return False
 
 
+def _flush_provider(fd: int) -> None:
+    """fdatasync, failing as metadata writes do (ProviderError), not with a bare OSError."""
+    try:
+        localio.flush(fd)
+    except OSError as exc:
+        raise ProviderError(f"Unable to flush the provider: {exc.strerror}.") from exc
+
+
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
-    """Decide the sync direction (hast.md §7.2), answer the primary; None when refused."""
+    """Decide the sync direction (hast.md §7.2), answer the primary; None when refused.
+    ProviderError if the provider's metadata cannot be written."""
     if not md.replicaid:
         # Before deciding: a copy from before the IDs (or whose ID an older hastpy dropped) must
         # not pass as "unknown" a primary that has moved on to another copy. The price: such a
@@ -288,7 +298,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # every later attempt name.
         md = replace(md, replicaid=metadata.new_replica_id())
         metadata.write_metadata(prov.fd, md)
-        localio.flush(prov.fd)
+        _flush_provider(prov.fd)
     d = syncdecide.decide(
         secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt, md.replicaid, md.peerid),
         primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),
@@ -325,11 +335,11 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # A primary that dies in between would otherwise come back to two clean maps and
         # counters that may say "in sync", and finish a "sync" that copies nothing.
         metadata.write_bitmap(prov.fd, bitmap)
-        localio.flush(prov.fd)  # before the metadata that says a sync started: never one without it
+        _flush_provider(prov.fd)  # before the metadata that says a sync started: never one without it
     else:
         bitmap = metadata.read_bitmap(prov.fd, mapsize)
     metadata.write_metadata(prov.fd, md)
-    localio.flush(prov.fd)
+    _flush_provider(prov.fd)
     maxio = msg.negotiate_maxio(version, hs.get("maxio"), const.MAXPHYS)
     info = msg.SecondaryInfo(
         datasize=md.datasize,
@@ -363,12 +373,13 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
         prov = open_provider(res.local)
         prov.lock()
         md = prov.read_metadata(res.name)
-    except HastError as exc:
+        done = _handshake(res, prov, md, spec["handshake"], reqsock, version, channel)
+    except HastError as exc:  # the provider: opening, locking, its metadata read or written
         log.error("%s", exc)
         channel.event("refused", reason=str(exc))
-        send_frame(reqsock, version, msg.ErrorReply(str(exc)).to_nv())
+        with contextlib.suppress(OSError):  # the primary may be gone: it only misses the reason
+            send_frame(reqsock, version, msg.ErrorReply(str(exc)).to_nv())
         return exc.exit_code
-    done = _handshake(res, prov, md, spec["handshake"], reqsock, version, channel)
     if done is None:
         return os.EX_CONFIG
     md, maxio = done
