@@ -5,8 +5,8 @@
 
 Sets up, in one run: a hastd pair on two loopback addresses (127.X.Y.1 primary, .2 secondary),
 each with a sparse provider of --provider bytes (1 GiB), and nbdkit's file plugin serving a sparse
-file of the primary's datasize (the size the hast export has). Then, alternating the two targets
-run by run so that both see the same machine load:
+file of the primary's datasize (the size the hast export has). Then, rotating the order of the
+targets run by run so that all see the same machine load:
 
 1. nbdcopy from a random file in the page cache:
    `nbdcopy --requests=16 --connections=4 SRC nbd+unix:///?socket=...` (--requests, --connections)
@@ -256,8 +256,10 @@ def main() -> int:
         results: dict[tuple[str, str], list[float]] = {(c, t): [] for c in clients for t in targets}
         cpu: dict[tuple[str, str], list[list[float]]] = {(c, t): [] for c in clients for t in targets}
         for i in range(args.runs):
+            order = list(targets.items())
+            order = order[i % len(order) :] + order[: i % len(order)]  # who goes first rotates
             for client in clients:
-                for target, sock in targets.items():
+                for target, sock in order:
                     before = [cpu_seconds(p) for p in pids[target]]
                     if client == "nbdcopy":
                         secs = run_nbdcopy(src, sock, args.requests, args.connections)
