@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The least a replicating NBD server written in Python can do: devwrite.py's floor for hast.
+"""The least a replicating NBD server written in Python can do: the benchmarks' floor for hast.
 
     .venv/bin/python bench/relay.py peer --file FILE [--ready PATH]
     .venv/bin/python bench/relay.py primary --socket PATH --file FILE --size BYTES --peer HOST:PORT
@@ -7,8 +7,8 @@
 
 Not a product: no handshake with the peer, no resync, no errors worth the name. It keeps only
 what every write of a replicating server must do, with as little Python as that takes, so that
-devwrite.py can show how far behind nbdkit any Python server of this design lands on this
-machine, and how much of hast's distance is its own.
+devwrite.py and seqwrite.py (--floor) can show how far behind nbdkit any Python server of this
+design lands on this machine, and how much of hast's distance is its own.
 
 primary: an NBD server (hastpy's codec for the handshake only; multi-conn advertised, as hast's
 export) on a unix socket. Each NBD connection gets its own TCP connection to the peer and two
