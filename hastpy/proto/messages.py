@@ -526,30 +526,36 @@ class Reply:
 # Every user write is one Request and one Reply, so their nv headers are encoded and decoded with
 # fixed layouts (one struct each) instead of field by field. Each layout is the exact field list
 # to_nv() builds for the common case, plus the frame's `size` field (frame.encode_frame appends
-# it after every other field when there is a payload). Anything else (keepalive, memsync,
-# errors, received acks, pipeline fields from compression or checksums) takes the generic path,
+# it after every other field when there is a payload). memsync, hastd's default mode, has its own:
+# each write carries `memsync` and is answered twice, first with `received`. Anything else
+# (keepalive, errors, pipeline fields from compression or checksums) takes the generic path,
 # which tests/unit/test_proto_messages.py proves byte-equal where the layouts apply.
 
 _REQUEST_FIELDS = [("cmd", NvType.UINT8), ("seq", NvType.UINT64), ("offset", NvType.UINT64), ("length", NvType.UINT64)]
 _SIZE_FIELD = [("size", NvType.UINT32)]  # frame.SIZE_FIELD; frame imports nothing from here
 REQUEST_LAYOUT = NvLayout(_REQUEST_FIELDS)
 REQUEST_WITH_PAYLOAD_LAYOUT = NvLayout(_REQUEST_FIELDS + _SIZE_FIELD)
+MEMSYNC_REQUEST_LAYOUT = NvLayout(_REQUEST_FIELDS + [("memsync", NvType.UINT8)] + _SIZE_FIELD)
 REPLY_LAYOUT = NvLayout([("seq", NvType.UINT64)])
+RECEIVED_REPLY_LAYOUT = NvLayout([("seq", NvType.UINT64), ("received", NvType.INT8)])
 REPLY_WITH_PAYLOAD_LAYOUT = NvLayout([("seq", NvType.UINT64)] + _SIZE_FIELD)
 # What a secondary receives and a primary receives, most frequent first (FrameStream tries them
-# in order and decodes anything else field by field).
-REQUEST_LAYOUTS = (REQUEST_WITH_PAYLOAD_LAYOUT, REQUEST_LAYOUT)
-REPLY_LAYOUTS = (REPLY_LAYOUT, REPLY_WITH_PAYLOAD_LAYOUT)
+# in order, each a length comparison when it does not apply, and decodes anything else field by
+# field).
+REQUEST_LAYOUTS = (REQUEST_WITH_PAYLOAD_LAYOUT, MEMSYNC_REQUEST_LAYOUT, REQUEST_LAYOUT)
+REPLY_LAYOUTS = (REPLY_LAYOUT, RECEIVED_REPLY_LAYOUT, REPLY_WITH_PAYLOAD_LAYOUT)
 
 
 def encode_request_nv(req: Request, payload_size: int) -> bytes | None:
     """req.to_nv().encode() followed by the `size` field encode_frame adds for a payload of
     payload_size bytes (none for 0), in one pack; None when req needs the generic path (a
-    keepalive or a memsync write). The payload must go out unchanged by the pipeline (see
-    pipeline.passes_through), since pipeline fields would sit before `size`."""
-    if req.cmd == Cmd.KEEPALIVE or req.memsync:
+    keepalive, a memsync write without a payload). The payload must go out unchanged by the
+    pipeline (see pipeline.passes_through), since pipeline fields would sit before `size`."""
+    if req.cmd == Cmd.KEEPALIVE or (req.memsync and not payload_size):
         return None
     req._check()  # noqa: SLF001 - the same checks as to_nv()
+    if req.memsync:
+        return MEMSYNC_REQUEST_LAYOUT.encode(req.cmd, req.seq, req.offset, req.length, 1, payload_size)
     if payload_size:
         return REQUEST_WITH_PAYLOAD_LAYOUT.encode(req.cmd, req.seq, req.offset, req.length, payload_size)
     return REQUEST_LAYOUT.encode(req.cmd, req.seq, req.offset, req.length)
@@ -557,11 +563,13 @@ def encode_request_nv(req: Request, payload_size: int) -> bytes | None:
 
 def encode_reply_nv(rep: Reply, payload_size: int) -> bytes | None:
     """rep.to_nv().encode() plus the frame's `size` field, as encode_request_nv; None when rep
-    needs the generic path (an error or a memsync "received" ack)."""
-    if rep.error or rep.received:
+    needs the generic path (an error, a "received" ack with a payload)."""
+    if rep.error or (rep.received and payload_size):
         return None
     if rep.seq == 0:
         raise LocalProtocolError("reply: seq 0 means 'absent' on the wire")
+    if rep.received:
+        return RECEIVED_REPLY_LAYOUT.encode(rep.seq, 1)
     if payload_size:
         return REPLY_WITH_PAYLOAD_LAYOUT.encode(rep.seq, payload_size)
     return REPLY_LAYOUT.encode(rep.seq)

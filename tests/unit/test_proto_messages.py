@@ -675,11 +675,13 @@ def _frame_bytes(bufs) -> bytes:
     st.integers(0, 2**64 - 1),
     st.integers(0, 2**32 - 1),
     st.integers(0, 255),
+    st.booleans(),
 )
-def test_fast_request_encoding_is_generic(cmd, seq, offset, length, payload_size, version):
+def test_fast_request_encoding_is_generic(cmd, seq, offset, length, payload_size, version, memsync):
     if cmd == Cmd.FLUSH:
         offset = length = 0
-    req = Request(cmd, seq, offset, length)
+    memsync = memsync and cmd == Cmd.WRITE and payload_size > 0  # hastd's default mode's writes
+    req = Request(cmd, seq, offset, length, memsync=memsync)
     body = _m.encode_request_nv(req, payload_size)
     nv = req.to_nv()
     if payload_size:
@@ -699,9 +701,11 @@ def test_fast_request_encoding_is_generic(cmd, seq, offset, length, payload_size
     assert Request.from_nv(decoded) == req
 
 
-@given(_u64, st.integers(0, 2**32 - 1))
-def test_fast_reply_encoding_is_generic(seq, payload_size):
-    rep = Reply(seq)
+@given(_u64, st.integers(0, 2**32 - 1), st.booleans())
+def test_fast_reply_encoding_is_generic(seq, payload_size, received):
+    if received:
+        payload_size = 0  # a memsync "received" ack carries nothing
+    rep = Reply(seq, received=received)
     body = _m.encode_reply_nv(rep, payload_size)
     nv = rep.to_nv()
     if payload_size:
@@ -714,9 +718,10 @@ def test_fast_reply_encoding_is_generic(seq, payload_size):
 
 def test_fast_encoders_leave_the_rest_to_the_generic_path():
     assert _m.encode_request_nv(Request.keepalive(), 0) is None
-    assert _m.encode_request_nv(Request(Cmd.WRITE, 5, 0, 512, memsync=True), 512) is None
+    assert _m.encode_request_nv(Request.keepalive(syncdone=True), 0) is None
+    assert _m.encode_request_nv(Request(Cmd.WRITE, 5, 0, 0, memsync=True), 0) is None
     assert _m.encode_reply_nv(Reply(5, error=errno.EIO), 0) is None
-    assert _m.encode_reply_nv(Reply(5, received=True), 0) is None
+    assert _m.encode_reply_nv(Reply(5, received=True), 8) is None
     with pytest.raises(LocalProtocolError):
         _m.encode_reply_nv(Reply(0), 0)
     with pytest.raises(LocalProtocolError):
