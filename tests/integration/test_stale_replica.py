@@ -325,3 +325,28 @@ def test_a_copy_without_an_id_keeps_the_one_it_is_given_when_refused(make_pair):
     refusals = [line for line in b.log.read_text().splitlines() if "Replica mismatch" in line]
     assert all(f"copy {new_id:016x}" in line for line in refusals), refusals
     assert a.status()["status"] == "degraded"
+
+
+def test_a_secondary_whose_provider_it_cannot_use_says_so_in_hastctl_list(make_pair):
+    """B's provider holds another resource's metadata: each connection from the primary is
+    refused with the provider's reason, which `hastctl list` shows on B (and on A) until B can
+    connect again."""
+    pair = make_pair(size=16 * MiB).start()
+    a, b = pair.a, pair.b
+    b.role("init")
+    with open(b.disk, "r+b") as f:
+        md = metadata.read_metadata(f)
+        metadata.write_metadata(f, replace(md, resource="other"))
+    b.role("secondary")
+    wait_for(lambda: b.status().get("connect_error"), what="B's refusal in its status")
+    reason = b.status()["connect_error"]
+    assert "is not part of resource data" in reason, reason
+    assert f"  connect error: {reason}" in b.hastctl("list", b.res).stdout
+    wait_for(lambda: a.status().get("connect_error") == reason, what="the same reason on A")
+    b.role("init")
+    with open(b.disk, "r+b") as f:
+        metadata.write_metadata(f, md)
+    assert b.status().get("connect_error") is None  # a role change forgets it
+    b.role("secondary")
+    pair.wait_complete()
+    assert b.status()["connect_error"] is None
