@@ -351,7 +351,7 @@ class Primary:
             # makes links. Writes the old peer did not confirm are marked for resync as on any
             # disconnection, and the new peer gets them (or all, if it is new) by the sync.
             self._connect_error = ""  # a reason about the old address says nothing of the new
-            change = _peer_change(res, old)
+            change = _peer_change(res, (old.remote, old.source))
             log.info("%s%s: %s.", change[:1].upper(), change[1:], "disconnecting" if res.remote == const.REMOTE_NONE else "reconnecting")
             self._guard_wake.set()
         log.info("Configuration reloaded: replication %s, checksum %s, compression %s, timeout %d s, metaflush %s.",
@@ -687,24 +687,21 @@ class Primary:
         if last:
             self._finish_write(hio)
 
-    def _reply_write(self, hio: Hio) -> None:
-        # A write succeeds if the local disk took it; a local failure is reported even when the
-        # remote succeeded (our local copy would be stale, and reads are served locally).
-        if self._stale_alone(hio):
+    def _reply_write(self, hio: Hio, err: int = 0) -> None:
+        """Acknowledge a write (err: a failed FUA flush). It succeeds if the local disk took it;
+        a local failure is reported even when the remote succeeded (our local copy would be
+        stale, and reads are served locally).
+
+        While this node is the stale side (syncing from the secondary) a write the peer did not
+        take fails instead: acknowledged on our older disk alone it would be copied over by that
+        sync (its extent is marked for it), or, with localcnt bumped, turn the next handshake
+        into a split-brain. Reads fail the same way then (_read)."""
+        if not hio.remote_ok and self.syncsrc == syncdecide.SYNCSRC_SECONDARY:
+            hio.done(hio.local_err or errno.EIO, None)
             return
         if not hio.remote_ok or self.link is None:
             self._bump_localcnt_if_first()
-        hio.done(hio.local_err or 0, None)
-
-    def _stale_alone(self, hio: Hio) -> bool:
-        """While this node is the stale side (syncing from the secondary) a write the peer did
-        not take fails, and True is returned: acknowledged on our older disk alone it would be
-        copied over by that sync (its extent is marked for it), or, with localcnt bumped, turn
-        the next handshake into a split-brain. Reads fail the same way then (_read)."""
-        if hio.remote_ok or self.syncsrc != syncdecide.SYNCSRC_SECONDARY:
-            return False
-        hio.done(hio.local_err or errno.EIO, None)
-        return True
+        hio.done(hio.local_err or err or 0, None)
 
     def _finish_write(self, hio: Hio) -> None:
         """Both halves are resolved: release the activemap reference and the range."""
@@ -721,16 +718,9 @@ class Primary:
         if not remote_ok:
             self._sync_wanted.set()
         if hio.fua:
-            self._flush(lambda err, _d: self._reply_fua(hio, err))
+            self._flush(lambda err, _d: self._reply_write(hio, err))
         if flush:
             self._clear_wanted.set()  # clear_loop writes it, together with others
-
-    def _reply_fua(self, hio: Hio, flush_err: int) -> None:
-        if self._stale_alone(hio):
-            return
-        if not hio.remote_ok or self.link is None:
-            self._bump_localcnt_if_first()
-        hio.done(hio.local_err or flush_err or 0, None)
 
     def _bump_localcnt_if_first(self) -> None:
         """hast.md §7.2: the first write acknowledged without the peer bumps localcnt, durably,
@@ -1099,11 +1089,10 @@ def _stale_data_refusal(p: Primary, force: bool) -> str | None:
             f"'hastctl role --force primary {p.res.name}'.")  # fmt: skip
 
 
-def _peer_change(res: Resource, old) -> str:
-    """What a reload changed of the peer's address or ours, from `old` (a Resource or a link's
-    (remote, source)), for the log."""
-    remote = old.remote if isinstance(old, Resource) else old[0]
-    if res.remote != remote:
+def _peer_change(res: Resource, old: tuple[str, str | None]) -> str:
+    """What a reload changed of the peer's address or ours, from `old` (remote, source), for
+    the log."""
+    if res.remote != old[0]:
         return f"remote address changed to {res.remote}"
     return f"source address changed to {res.source or 'any'}"
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from hastpy import constants as const
 from hastpy import localio, metadata, syncdecide
 from hastpy.config import Resource
-from hastpy.errors import HastError, ProviderError, RemoteProtocolError
+from hastpy.errors import HastError, RemoteProtocolError
 from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
@@ -279,14 +279,6 @@ def _exists_at(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _flush_provider(fd: int) -> None:
-    """fdatasync, failing as metadata writes do (ProviderError), not with a bare OSError."""
-    try:
-        localio.flush(fd)
-    except OSError as exc:
-        raise ProviderError(f"Unable to flush the provider: {exc.strerror}.") from exc
-
-
 def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, version: int, channel: Channel):
     """Decide the sync direction (hast.md §7.2), answer the primary; None when refused.
     ProviderError if the provider's metadata cannot be written."""
@@ -297,8 +289,8 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # split-brain). Durable at once, refused or not: a copy keeps one ID, which the logs of
         # every later attempt name.
         md = replace(md, replicaid=metadata.new_replica_id())
-        metadata.write_metadata(prov.fd, md)
-        _flush_provider(prov.fd)
+        prov.write_metadata(md)
+        prov.sync()
     d = syncdecide.decide(
         secondary=syncdecide.Counters(md.resuid, md.localcnt, md.remotecnt, md.replicaid, md.peerid),
         primary=syncdecide.Counters(hs["resuid"], hs["localcnt"], hs["remotecnt"], hs.get("replicaid", 0),
@@ -334,12 +326,12 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         # after this reply (and before its first request, at which this copy zeroes its map).
         # A primary that dies in between would otherwise come back to two clean maps and
         # counters that may say "in sync", and finish a "sync" that copies nothing.
-        metadata.write_bitmap(prov.fd, bitmap)
-        _flush_provider(prov.fd)  # before the metadata that says a sync started: never one without it
+        prov.write_bitmap(bitmap)
+        prov.sync()  # before the metadata that says a sync started: never one without it
     else:
         bitmap = metadata.read_bitmap(prov.fd, mapsize)
-    metadata.write_metadata(prov.fd, md)
-    _flush_provider(prov.fd)
+    prov.write_metadata(md)
+    prov.sync()
     maxio = msg.negotiate_maxio(version, hs.get("maxio"), const.MAXPHYS)
     info = msg.SecondaryInfo(
         datasize=md.datasize,

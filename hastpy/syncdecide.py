@@ -161,8 +161,8 @@ def _decide(secondary: Counters, primary: Counters, virgin: bool, secondary_inco
 
 # The first words of the refusals above: the secondary's decision, which stays the same until an
 # operator acts (the primary retries those at hastd's guard pace, not every second).
-DECISION_REFUSALS = (SPLIT_BRAIN_ERRMSG, RESUID_MISMATCH_ERRMSG.split(" (")[0], "Replica mismatch:",
-                     STALE_SOURCE_ERRMSG.split(" (")[0])  # fmt: skip
+DECISION_REFUSALS = (SPLIT_BRAIN_ERRMSG, RESUID_MISMATCH_ERRMSG.split(" (")[0],
+                     REPLICA_MISMATCH_ERRMSG.split(" the {")[0], STALE_SOURCE_ERRMSG.split(" (")[0])  # fmt: skip
 
 
 def is_decision_refusal(errmsg: str) -> bool:

@@ -101,17 +101,15 @@ def test_relay_activemap_marks_only_new_extents(relay, request):
     tmp, sock, procs = relay
     keepdirty = request.node.callspec.params["relay"]
 
-    def file_bytes_written() -> int:
-        return _file_bytes_written(procs[0].pid)
-
+    pid = procs[0].pid
     c = NBDClient.connect_unix(sock, "floor")
     c.pwrite(0, b"x" * 4096)  # extent 0 becomes resident
-    before = file_bytes_written()
+    before = _file_bytes_written(pid)
     c.pwrite(4096, b"y" * 4096)
-    same_extent = file_bytes_written() - before
-    before = file_bytes_written()
+    same_extent = _file_bytes_written(pid) - before
+    before = _file_bytes_written(pid)
     c.pwrite(8 * MiB, b"z" * 4096)
-    new_extent = file_bytes_written() - before
+    new_extent = _file_bytes_written(pid) - before
     c.disconnect()
     assert same_extent == 4096
     assert new_extent == 4096 + (BITMAP_BLOCK if keepdirty else 0)

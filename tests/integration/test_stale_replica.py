@@ -303,6 +303,14 @@ def _replicaid(node) -> int:
         return metadata.read_metadata(f).replicaid
 
 
+def _rewrite_metadata(node, **changes) -> metadata.Metadata:
+    """Change fields of node's metadata on its disk (its role init); returns the metadata before."""
+    with open(node.disk, "r+b") as f:
+        md = metadata.read_metadata(f)
+        metadata.write_metadata(f, replace(md, **changes))
+    return md
+
+
 def test_a_copy_without_an_id_keeps_the_one_it_is_given_when_refused(make_pair):
     """B's metadata lost its copy ID (an older hastpy rewrote it): B gives itself a new one, so
     the primary, which names B's old ID, is refused. The new ID is on B's disk from the first
@@ -312,9 +320,7 @@ def test_a_copy_without_an_id_keeps_the_one_it_is_given_when_refused(make_pair):
     old_id = _replicaid(b)
     assert old_id
     b.role("init")
-    with open(b.disk, "r+b") as f:
-        md = metadata.read_metadata(f)
-        metadata.write_metadata(f, replace(md, replicaid=0))
+    _rewrite_metadata(b, replicaid=0)
     b.role("secondary")
     wait_for(lambda: "Replica mismatch" in b.log.read_text(), what="B refused")
     new_id = _replicaid(b)
@@ -334,9 +340,7 @@ def test_a_secondary_whose_provider_it_cannot_use_says_so_in_hastctl_list(make_p
     pair = make_pair(size=16 * MiB).start()
     a, b = pair.a, pair.b
     b.role("init")
-    with open(b.disk, "r+b") as f:
-        md = metadata.read_metadata(f)
-        metadata.write_metadata(f, replace(md, resource="other"))
+    md = _rewrite_metadata(b, resource="other")
     b.role("secondary")
     wait_for(lambda: b.status().get("connect_error"), what="B's refusal in its status")
     reason = b.status()["connect_error"]
@@ -344,8 +348,7 @@ def test_a_secondary_whose_provider_it_cannot_use_says_so_in_hastctl_list(make_p
     assert f"  connect error: {reason}" in b.hastctl("list", b.res).stdout
     wait_for(lambda: a.status().get("connect_error") == reason, what="the same reason on A")
     b.role("init")
-    with open(b.disk, "r+b") as f:
-        metadata.write_metadata(f, md)
+    _rewrite_metadata(b, resource=md.resource)
     assert b.status().get("connect_error") is None  # a role change forgets it
     b.role("secondary")
     pair.wait_complete()

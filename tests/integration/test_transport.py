@@ -73,6 +73,19 @@ def test_large_payload_after_small_frames(pair):
     sender.join(TIMEOUT)
 
 
+def _record_receives(stream: FrameStream) -> list[tuple[int, int]]:
+    """(size asked for, flags) of every receive the stream makes into its buffers from now on."""
+    receives: list[tuple[int, int]] = []
+    real = stream._recv_into  # noqa: SLF001
+
+    def recording(view, flags=0):
+        receives.append((len(view), flags))
+        return real(view, flags)
+
+    stream._recv_into = recording  # noqa: SLF001
+    return receives
+
+
 def test_large_writes_read_nothing_of_their_payload_with_the_header(pair):
     """PAYLOAD_READ_AHEAD is exactly a plain WRITE's header, counted from each frame's start: every
     large payload is received whole into a buffer of its own (no zero-filled buffer to assemble
@@ -81,15 +94,7 @@ def test_large_writes_read_nothing_of_their_payload_with_the_header(pair):
     headers (memsync, hastd's default) come between."""
     a, b = pair
     stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
-    assembled = []
-    real = stream._recv_into  # noqa: SLF001
-
-    def recording(view, flags=0):
-        if flags:  # only the assembling path receives a payload's rest with MSG_WAITALL here
-            assembled.append(len(view))
-        return real(view, flags)
-
-    stream._recv_into = recording  # noqa: SLF001
+    receives = _record_receives(stream)
     big = [os.urandom(256 * 1024) for _ in range(6)]
     short = [
         encode_frame(msg.PROTO_VERSION, msg.Request(msg.Cmd.FLUSH, 100, 0, 0).to_nv()),
@@ -106,7 +111,8 @@ def test_large_writes_read_nothing_of_their_payload_with_the_header(pair):
     got = [bytes(stream.recv().payload) for _ in frames]
     sender.join(TIMEOUT)
     assert got == [big[0], big[1], b"", big[2], b"", big[3], b"", big[4], big[5], big[0]]
-    assert assembled == []
+    # Only the assembling path receives a payload's rest with MSG_WAITALL through _recv_into.
+    assert [n for n, flags in receives if flags] == []
 
 
 def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
@@ -114,15 +120,8 @@ def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
     next large payload through the buffer: after FLUSH the stream still reads ahead only
     PAYLOAD_READ_AHEAD."""
     a, b = pair
-    sizes = []
     stream = FrameStream(b, msg.PROTO_VERSION, 4 << 20, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD)
-    real = stream._recv_into  # noqa: SLF001
-
-    def recording(view, flags=0):
-        sizes.append(len(view))
-        return real(view, flags)
-
-    stream._recv_into = recording  # noqa: SLF001
+    receives = _record_receives(stream)
     big = os.urandom(1 << 20)
     flush = encode_frame(msg.PROTO_VERSION, msg.Request(msg.Cmd.FLUSH, 2, 0, 0).to_nv())
     frames = [write_frame(1, big), flush, write_frame(3, big)]
@@ -137,7 +136,7 @@ def test_frames_without_payload_leave_read_ahead_as_it_was(pair):
     for _ in frames:
         stream.recv()
     sender.join(TIMEOUT)
-    header_receives = [n for n in sizes if n < (1 << 19)]
+    header_receives = [n for n, _ in receives if n < (1 << 19)]
     assert header_receives and max(header_receives) <= PAYLOAD_READ_AHEAD
 
 
