@@ -81,6 +81,10 @@ class NvField(NamedTuple):
     value: object
 
 
+def _type_mismatch(name: str, have: NvType, want: NvType) -> NvError:
+    return NvError(f"field {name!r} is {have.name.lower()}, expected {NvType(want).name.lower()}")
+
+
 class NvList:
     """An ordered nv list. Duplicate names are kept; lookups see the first."""
 
@@ -154,7 +158,7 @@ class NvList:
         if f is None:
             return default
         if f.type != typ:
-            raise NvError(f"field {name!r} is {f.type.name.lower()}, expected {NvType(typ).name.lower()}")
+            raise _type_mismatch(name, f.type, typ)
         return f.value
 
     def get_int(self, name: str, typ: NvType, default: int = 0) -> int:
@@ -316,7 +320,7 @@ class NvLayout:
     the generic `NvList.add` does (bools are not refused here: callers pass ints of their own).
     """
 
-    __slots__ = ("fields", "size", "_struct", "_consts", "_n")
+    __slots__ = ("fields", "index", "size", "_struct", "_consts", "_n")
 
     def __init__(self, fields: Sequence[tuple[str, NvType]]):
         if not fields:
@@ -333,6 +337,9 @@ class NvLayout:
             consts.append(head)
             fmt.append(f"{len(head)}s{_SCALAR_FMT[typ]}{_ALIGN - st.size}x")
         self.fields = tuple((name, NvType(typ)) for name, typ in fields)
+        self.index: dict[str, int] = {}  # name -> position of its first field (lookups see the first)
+        for i, (name, _typ) in enumerate(self.fields):
+            self.index.setdefault(name, i)
         self._struct = struct.Struct("".join(fmt))
         self._consts = tuple(consts)
         self._n = len(consts)
@@ -362,4 +369,49 @@ class NvLayout:
         values = self.values(data)
         if values is None:
             return None
-        return NvList([NvField(name, typ, v) for (name, typ), v in zip(self.fields, values)])
+        return _LayoutNvList(self, values)
+
+
+class _LayoutNvList(NvList):
+    """The NvList a layout decoded: equal to the generic one in every respect, but a lookup is
+    an index into the layout's values, and the field list is built only if something asks for
+    it (iteration, len, ==, encode, add). A request or reply header is looked up a few times
+    and never iterated, and building its fields cost as much as the rest of its decoding.
+
+    Hazard: once `_fields` exists it is the truth (add() appends to it), so the lookups below
+    go through it from then on; `_values` is None exactly when it does.
+    """
+
+    __slots__ = ("_layout", "_values")
+
+    def __init__(self, layout: NvLayout, values: tuple[int, ...]):
+        self._layout = layout
+        self._values: tuple[int, ...] | None = values
+
+    def __getattr__(self, name: str) -> list[NvField]:
+        # Reached only for a slot not set yet: `_fields`, the first time an NvList method uses it.
+        if name != "_fields":
+            raise AttributeError(name)
+        fields = [NvField(n, t, v) for (n, t), v in zip(self._layout.fields, self._values)]
+        self._fields = fields
+        self._values = None
+        return fields
+
+    def find(self, name: str) -> NvField | None:
+        if self._values is None:
+            return super().find(name)
+        i = self._layout.index.get(name)
+        if i is None:
+            return None
+        return NvField(*self._layout.fields[i], self._values[i])
+
+    def get(self, name: str, typ: NvType, default: object = None) -> object:
+        if self._values is None:
+            return super().get(name, typ, default)
+        i = self._layout.index.get(name)
+        if i is None:
+            return default
+        have = self._layout.fields[i][1]
+        if have != typ:
+            raise _type_mismatch(name, have, typ)
+        return self._values[i]

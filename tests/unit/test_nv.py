@@ -277,6 +277,48 @@ def test_layout_decode_refuses_anything_else(case, data):
         assert got == NvList.decode(bytes(encoded))
 
 
+def _lookups(nv: NvList, names, types) -> list:
+    """Every answer nv's lookups give for these names, each asked with every type."""
+    out = []
+    for name in names:
+        out += [nv.find(name), nv.exists(name)]
+        for typ in types:
+            try:
+                out.append(nv.get(name, typ, "default"))
+            except NvError as exc:
+                out.append(str(exc))
+    return out
+
+
+@given(layouts_and_values(), layout_names, st.integers(0, 255))
+def test_layout_decoded_lookups_equal_generic_before_and_after_a_change(case, other, extra):
+    """A layout-decoded list answers lookups from the layout's values until its field list is
+    built; from then on (here: add()) from the fields. Both must be what the generic gives."""
+    fields, values = case
+    layout = NvLayout(fields)
+    encoded = layout.encode(*values)
+    names = [name for name, _ in fields] + [other]
+    types = SCALARS + [NvType.STRING]
+    fast, slow = layout.decode(encoded), NvList.decode(encoded)
+    assert _lookups(fast, names, types) == _lookups(slow, names, types)
+    fast.add_uint8(other, extra)
+    slow.add_uint8(other, extra)
+    assert _lookups(fast, names, types) == _lookups(slow, names, types)
+    assert list(fast) == list(slow) and fast.encode() == slow.encode()
+
+
+def test_layout_with_a_repeated_name_looks_up_the_first():
+    layout = NvLayout([("seq", NvType.UINT64), ("x", NvType.UINT8), ("seq", NvType.UINT32)])
+    encoded = layout.encode(7, 1, 9)
+    fast = layout.decode(encoded)
+    assert fast.get("seq", NvType.UINT64) == 7 == NvList.decode(encoded).get("seq", NvType.UINT64)
+    with pytest.raises(NvError, match="is uint64, expected uint32"):
+        fast.get("seq", NvType.UINT32)
+    assert len(fast) == 3 and fast == NvList.decode(encoded)
+    with pytest.raises(AttributeError):
+        fast.no_such_attribute  # noqa: B018 - only `_fields` is built on demand
+
+
 def test_layout_decode_of_another_layout_is_none():
     a = NvLayout([("seq", NvType.UINT64)])
     b = NvLayout([("seg", NvType.UINT64)])
