@@ -576,9 +576,13 @@ class ServerConnection:
     # -- dispatch --
 
     def _next_event(self) -> Event | type[NEED_DATA]:
-        if self.state is State.DONE:
+        state = self.state
+        if state is State.TRANSMISSION:  # every request: not through the table (an Enum hashes in Python)
+            event = self._read_transmission()
+        elif state is State.DONE:
             return ConnectionClosed()
-        event = _READERS[self.state](self)
+        else:
+            event = _READERS[state](self)
         if event is NEED_DATA:
             return self._need_data()
         return event
@@ -825,11 +829,11 @@ def _check_export(export_name: str, size: int, min_block: int, max_block: int, d
         raise ValueError(f"export size {size} is not a multiple of the block size {min_block}")
 
 
-# The reader for each state (h11's table-driven dispatch); DONE and ERROR never read.
+# The reader for each handshake state (h11's table-driven dispatch); TRANSMISSION's is called
+# directly, and DONE and ERROR never read.
 _READERS = {
     State.CLIENT_FLAGS: ServerConnection._read_client_flags,
     State.OPTIONS: ServerConnection._read_option,
-    State.TRANSMISSION: ServerConnection._read_transmission,
 }
 
 _OPTION_HANDLERS = {
