@@ -180,11 +180,18 @@ class Secondary:
 
     def _clear_bitmap_once(self) -> None:
         # hastd zeroes the secondary's bitmap at the first request after a connect: from then on
-        # the primary owns the dirty state (it merged our bitmap at the handshake).
-        if not self._bitmap_cleared:
-            metadata.write_bitmap(self.fd, bytes(self.localoff - const.METADATA_SIZE))
-            localio.flush(self.fd)
-            self._bitmap_cleared = True
+        # the primary owns the dirty state (it merged our bitmap at the handshake). If the disk
+        # refuses, bits stay set that the next handshake merges again: a larger resync, no data
+        # at risk. So, as in hastd, a warning and the request goes on; tried once per connection
+        # (a bad sector would otherwise make every request wait for the disk's retries).
+        if self._bitmap_cleared:
+            return
+        self._bitmap_cleared = True
+        try:
+            self.prov.write_bitmap(bytes(self.localoff - const.METADATA_SIZE))
+            self.prov.sync()
+        except HastError as exc:
+            log.warning("%s The bitmap keeps its bits: the next connection resyncs their extents too.", exc)
 
     def _sync_done(self) -> None:
         """The primary completed a synchronization: every extent it copied here was answered.
@@ -194,10 +201,10 @@ class Secondary:
             return
         with self._inflight_cv:  # trims run on the pool
             self._inflight_cv.wait_for(lambda: self._inflight == 0)
-        localio.flush(self.fd)
+        self.prov.sync()
         self.md = replace(self.md, inconsistent=False)
-        metadata.write_metadata(self.fd, self.md)
-        localio.flush(self.fd)
+        self.prov.write_metadata(self.md)
+        self.prov.sync()
         log.info("Synchronization from the primary complete: local data is up to date.")
 
     def handle(self, frame) -> None:
@@ -247,6 +254,7 @@ class Secondary:
         stream = FrameStream(self.reqsock, self.version, self.maxio, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD, self._send_held)
         recv_timeout = self.res.timeout if self.version >= msg.PROTO_VERSION_MAXIO else HASTD_RECV_TIMEOUT
         set_timeout(self.reqsock, recv_timeout)
+        status = os.EX_TEMPFAIL
         try:
             while True:
                 self.handle(stream.recv())
@@ -256,9 +264,15 @@ class Secondary:
             log.warning("Connection to the primary lost: %s.", exc)
         except RemoteProtocolError as exc:
             log.error("Protocol error from the primary: %s; disconnecting.", exc)
+        except HastError as exc:
+            # The inconsistent mark could not be cleared (_sync_done). Kept, it refuses failover
+            # to an up-to-date copy: disconnect, so that the next connection syncs and tries again.
+            log.error("%s Disconnecting.", exc)
+            self.channel.event("refused", reason=str(exc))  # why this copy is not serving, for hastctl list
+            status = exc.exit_code
         self.channel.event("disconnect")
         self.pool.shutdown(wait=True)
-        return os.EX_TEMPFAIL
+        return status
 
 
 def _open_hold(path: str | None) -> tuple[int, str] | None:
@@ -329,7 +343,7 @@ def _handshake(res: Resource, prov, md: metadata.Metadata, hs: dict, reqsock, ve
         prov.write_bitmap(bitmap)
         prov.sync()  # before the metadata that says a sync started: never one without it
     else:
-        bitmap = metadata.read_bitmap(prov.fd, mapsize)
+        bitmap = prov.read_bitmap(mapsize)
     prov.write_metadata(md)
     prov.sync()
     maxio = msg.negotiate_maxio(version, hs.get("maxio"), const.MAXPHYS)

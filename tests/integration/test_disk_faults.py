@@ -1,0 +1,130 @@
+"""The secondary when its disk refuses a metadata write of a connected worker.
+
+After the handshake the secondary writes metadata twice: it zeroes its bitmap at the first
+request of each connection, and clears its inconsistent mark when a sync completes.
+
+- Zeroing the bitmap may fail at no risk to data (the bits left set are merged again at the next
+  handshake: a larger resync), so, as hastd, the worker warns and goes on serving.
+- A mark that cannot be cleared would refuse failover to an up-to-date copy, so the worker says
+  why (log and `hastctl list`, naming the provider) and disconnects; the next connection syncs
+  and clears it. Never a traceback.
+
+The failing disk of the first test is real I/O, not a mock: nbdkit's error filter over a file,
+exposed by nbdfuse as the secondary's provider, fails every write with EIO while a trigger file
+exists. The second needs a write that fails between a sync's last write and its end, which no
+timing can place from outside: it runs a Secondary in this process, on socketpairs, over the
+provider opened read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness import MiB, Pair, block_device_unavailable, sha, wait_for
+from hastpy import config, control
+from hastpy import constants as const
+from hastpy.proto import messages as msg
+from hastpy.provider import open_provider
+from hastpy.secondary import Secondary
+from hastpy.transport import send_frame
+from hastpy.worker import Channel
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_TOOLS = ("nbdkit", "nbdfuse", "fusermount3")
+UNAVAILABLE = block_device_unavailable(REQUIRED_TOOLS)
+# nbdkit and nbdfuse start in well under a second; these only bound a hang.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+# The worker's exit, and the primary's next connection attempt after the disk is back.
+FAULT_TIMEOUT = 60.0
+
+
+@contextlib.contextmanager
+def failing_disk(disk: Path, trigger: Path):
+    """Replace the provider file `disk` by the same bytes behind nbdkit's error filter and
+    nbdfuse: every write fails with EIO while `trigger` exists. Restores the file on exit."""
+    real = disk.with_name(disk.name + ".real")
+    sock = disk.with_name("nbdkit.sock")
+    mnt = disk.with_name("fuse")
+    mnt.mkdir()
+    disk.rename(real)
+    kit = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--filter=error", "file", str(real), "error-pwrite=EIO",
+                            "error-pwrite-rate=100%", f"error-pwrite-file={trigger}"])  # fmt: skip
+    fuse = None
+    try:
+        wait_for(sock.exists, START_TIMEOUT, what="nbdkit's socket")
+        fuse = subprocess.Popen(["nbdfuse", str(mnt / "disk"), "--unix", str(sock)])
+        wait_for(lambda: (mnt / "disk").exists(), START_TIMEOUT, what="nbdfuse's file")
+        disk.symlink_to(mnt / "disk")
+        yield
+    finally:
+        disk.unlink(missing_ok=True)
+        if fuse is not None:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False, timeout=STOP_TIMEOUT)
+            fuse.wait(STOP_TIMEOUT)
+        kit.terminate()
+        kit.wait(STOP_TIMEOUT)
+        real.rename(disk)
+
+
+@pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+def test_a_secondary_whose_disk_refuses_to_zero_its_bitmap_warns_and_keeps_serving(make_pair):
+    pair: Pair = make_pair(size=16 * MiB)
+    a, b = pair.a, pair.b
+    trigger = b.dir / "disk-fails"
+    with failing_disk(b.disk_of(), trigger):
+        try:
+            pair.start()
+            # A new connection: its worker has not zeroed its bitmap yet (no request so far).
+            b.role("init")
+            b.role("secondary")
+            pair.wait_complete()
+            (worker,) = b.worker_pids()
+
+            trigger.touch()
+            c = a.client()
+            first, second = os.urandom(MiB), os.urandom(MiB)
+            c.pwrite(MiB, first)  # acknowledged: A's disk took it; B's failed and is resynced
+            wait_for(lambda: "Local write at offset" in b.log.read_text(), FAULT_TIMEOUT, what="B's failed write")
+            trigger.unlink()
+            c.pwrite(4 * MiB, second)
+            c.disconnect()
+
+            st = pair.wait_complete(FAULT_TIMEOUT)
+            assert st["statistics"]["remote_errors"] >= 1
+            assert b.worker_pids() == [worker]  # the same connection all along
+            assert b.status()["statistics"]["write_errors"] >= 1
+            assert b.status()["connect_error"] is None
+            log = b.log.read_text()
+            assert f"{b.disk_of()}: Unable to write at offset 4096: Input/output error. The bitmap keeps its bits" in log
+            assert "Traceback" not in log
+            assert sha(a.data()) == sha(b.data())
+            assert a.data()[MiB : 2 * MiB] == first and a.data()[4 * MiB : 5 * MiB] == second
+        finally:
+            pair.stop()  # before the FUSE mount goes: hastd holds the provider open
+
+
+def test_a_secondary_that_cannot_clear_its_inconsistent_mark_says_why_and_disconnects(make_pair):
+    pair: Pair = make_pair(size=16 * MiB)  # not started: its config and B's provider are used here
+    res = config.load(str(pair.b.conf), (pair.b.name,)).resource(pair.b.res)
+    prov = open_provider(res.local, writable=False)  # every write fails (EBADF)
+    md = replace(prov.read_metadata(res.name), inconsistent=True)
+    to_secondary, requests = socket.socketpair()
+    to_primary, replies = socket.socketpair()
+    supervisor, worker = socket.socketpair()
+    with prov, to_secondary, requests, to_primary, replies, supervisor, worker:
+        sec = Secondary(res, prov, md, requests, replies, msg.PROTO_VERSION, const.MAXPHYS, Channel(worker))
+        send_frame(to_secondary, msg.PROTO_VERSION, msg.Request.keepalive(syncdone=True).to_nv())
+        assert sec.serve() == os.EX_NOINPUT
+        events = control.LineReader(supervisor)
+        refused, disconnect = events.read(), events.read()
+    assert refused["event"] == "refused" and disconnect == {"event": "disconnect"}
+    assert refused["reason"] == f"{res.local}: Unable to write at offset 0: Bad file descriptor."
