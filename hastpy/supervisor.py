@@ -757,6 +757,9 @@ class Supervisor:
             return self._refuse(conn, text, wait=rs.role == "primary")
         if rs.worker is not None:
             log.info("[%s] New connection from the primary: stopping the old worker.", rs.res.name)
+            # Its last events (a refusal's reason, a disconnect) may still be unread when the
+            # primary's next attempt arrives first: handled now, not lost with the worker.
+            self._drain_worker(rs, rs.worker)
             self.stop_worker(rs, signal.SIGINT)
         self._drop_pending(rs)
         rs.token = secrets.token_bytes(16)

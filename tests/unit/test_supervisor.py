@@ -7,6 +7,7 @@ playing the worker's side of the channel, and start_primary is replaced where it
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from hastpy import control
 from hastpy import supervisor as supmod
+from hastpy.proto import messages as msg
 from hastpy.supervisor import Supervisor, Worker, WorkerStartError
 
 CONF = """\
@@ -49,6 +51,15 @@ class _Proc:
 
     def poll(self):
         return None
+
+
+class _ExitedProc(_Proc):
+    """Stands in for a worker's Popen that has exited, not reaped by the supervisor yet."""
+
+    returncode = os.EX_TEMPFAIL
+
+    def poll(self):
+        return self.returncode
 
 
 @pytest.fixture
@@ -180,3 +191,21 @@ def test_a_later_role_change_clears_the_worker_error(sup, monkeypatch):
         sup.set_role_one(rs, "primary")
     sup.set_role_one(rs, "secondary")
     assert rs.role == "secondary" and sup.status_one(rs)["worker_error"] is None
+
+
+def test_a_new_connection_from_the_primary_first_reads_what_the_old_worker_said(sup, monkeypatch):
+    """A secondary worker that refused the handshake sends its reason and exits; the primary's
+    next attempt can arrive before the supervisor's loop has read it. The reason must not be
+    lost with the worker it came from."""
+    monkeypatch.setattr(supmod, "_peer", lambda conn: "10.0.0.2")  # node-a's configured remote
+    rs = sup.resources["data"]
+    mine, theirs = socket.socketpair()
+    rs.worker = Worker(_ExitedProc(), mine, control.LineReader(mine), "secondary", time.monotonic())
+    rs.role = "secondary"
+    control.send(theirs, {"event": "refused", "reason": msg.ERRMSG_SPLIT_BRAIN})
+    conn, primary = socket.socketpair()
+    with theirs, primary:
+        sup._out_connection(conn, msg.Hello(resource="data", version=msg.PROTO_VERSION))
+        assert rs.worker is None and rs.pending_out is conn  # the new handshake goes on
+        assert sup.status_one(rs)["connect_error"] == msg.ERRMSG_SPLIT_BRAIN
+    sup._drop_pending(rs)
