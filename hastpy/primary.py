@@ -54,6 +54,11 @@ RECONNECT_INTERVAL = 1.0  # seconds between connect attempts while degraded (has
 WAIT_RETRY = 1.0  # hastd: a peer that answers "wait" (still primary) is retried every 1 s
 REFUSED_RETRY = 10.0  # hastd's guard interval: how often a peer that refused the pair (split-brain, mismatch) is retried
 FIRST_CONNECT_TIMEOUT = 3.0  # bound on the first connect so a dead peer does not delay service
+# Within it, the bound on the TCP connect alone. A live peer accepts or resets a connection at
+# once; a host that is down or cut off answers nothing (or EHOSTUNREACH once ARP gives up, after
+# about 3 s), and a promotion after a failover would wait for it before serving. 1.5 s still
+# covers one lost SYN, which Linux sends again after 1 s.
+FIRST_TCP_CONNECT_TIMEOUT = 1.5
 SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
 KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
 NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
@@ -824,10 +829,10 @@ class Primary:
                 self.link = None
         self.channel.event("disconnect")
 
-    def handshake(self, timeout: float, res: Resource) -> Link:
+    def handshake(self, timeout: float, res: Resource, connect_timeout: float | None = None) -> Link:
         """§4.1 from the primary's side, with res (self.res when the attempt began). Raises
-        RemoteError / HastError with hastd's messages."""
-        out = connect(res.remote, res.source, timeout)
+        RemoteError / HastError with hastd's messages. connect_timeout: see transport.connect."""
+        out = connect(res.remote, res.source, timeout, connect_timeout)
         inn = None
         try:
             hello = msg.Hello(resource=res.name, version=msg.PROTO_VERSION, maxio=const.MAXPHYS)
@@ -838,7 +843,7 @@ class Primary:
             version = reply.version
             virgin = self.md.resuid == 0
             resuid = self.md.resuid or (secrets.randbits(64) or 1)
-            inn = connect(res.remote, res.source, timeout)
+            inn = connect(res.remote, res.source, timeout, connect_timeout)
             # hastpy's fields go to hastpy peers only (v4), as everything else of ours.
             ours = {"replicaid": self.md.replicaid, "peerid": self.md.peerid, "inconsistent": self.md.inconsistent}
             inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
@@ -894,13 +899,13 @@ class Primary:
         set_timeout(inn, res.timeout)
         return Link(self, out, inn, version, maxio, (res.remote, res.source))
 
-    def try_connect(self, timeout: float) -> str:
+    def try_connect(self, timeout: float, connect_timeout: float | None = None) -> str:
         """"connected", "wait" (the peer is still primary), "split-brain", "refused" (the
         handshake's decision said no: syncdecide.is_decision_refusal, or our stale-source check)
         or "failed"."""
         res = self.res  # a reload may replace self.res meanwhile: say where this attempt went
         try:
-            link = self.handshake(timeout, res)
+            link = self.handshake(timeout, res, connect_timeout)
         except WaitForPeer as exc:
             log.info("%s Waiting.", exc)
             return "wait"
@@ -1124,7 +1129,7 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
     p = Primary(res, prov, md, channel)
     if res.remote != const.REMOTE_NONE:
         deadline = time.monotonic() + res.timeout
-        while (outcome := p.try_connect(min(res.timeout, FIRST_CONNECT_TIMEOUT))) != "connected":
+        while (outcome := p.try_connect(min(res.timeout, FIRST_CONNECT_TIMEOUT), FIRST_TCP_CONNECT_TIMEOUT)) != "connected":
             # hastd: retry a peer that says "wait" for up to `timeout` s, then start anyway.
             if outcome != "wait" or time.monotonic() >= deadline:
                 log.warning("Unable to connect to %s: starting degraded.", res.remote)

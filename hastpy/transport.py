@@ -94,8 +94,10 @@ def set_timeout(sock: socket.socket, timeout: float | None) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
-def connect(remote: str, source: str | None, timeout: float) -> socket.socket:
-    """A connected, tuned TCP socket to remote (optionally bound to source first, as hastd)."""
+def connect(remote: str, source: str | None, timeout: float, connect_timeout: float | None = None) -> socket.socket:
+    """A connected, tuned TCP socket to remote (optionally bound to source first, as hastd).
+    timeout bounds each send and receive on it; connect_timeout, if given, the TCP connect
+    alone (else timeout does)."""
     family, sockaddr = _resolve(remote)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -103,7 +105,7 @@ def connect(remote: str, source: str | None, timeout: float) -> socket.socket:
             # hastd binds the source to any port unless one is given.
             _, saddr = _resolve(source, passive=True, default_port=0)
             sock.bind(saddr)
-        sock.settimeout(timeout)
+        sock.settimeout(timeout if connect_timeout is None else connect_timeout)
         sock.connect(sockaddr)
         tune(sock, timeout)
         return sock

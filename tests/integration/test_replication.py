@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -14,6 +16,7 @@ import time
 import pytest
 
 from harness import MiB, sha, wait_for
+from hastpy import primary as primary_mod
 
 pytestmark = pytest.mark.integration
 
@@ -306,3 +309,36 @@ def test_split_brain_detected_and_refused(make_pair, tmp_path):
     assert pair.b.status()["connect_error"].startswith("Split-brain")
     time.sleep(1)
     assert pair.a.data() == a_before and pair.b.data() == b_before
+
+
+def test_a_primary_whose_peer_answers_nothing_serves_without_waiting_out_the_handshake_bound(make_pair):
+    """After a failover the old primary is often down or cut off: its host answers no SYN. The
+    new primary's first connection attempt gives up on the TCP connect after its own short
+    bound instead of holding service for the whole first-handshake bound.
+
+    The silent host: a listener on B's address whose accept queue is full (backlog 0, one
+    connection queued, never accepted), so that Linux drops every further SYN."""
+    pair = make_pair()
+    a = pair.a
+    silent = socket.socket()
+    queued = socket.socket()
+    with silent, queued:
+        silent.bind((pair.ip_b, 8457))
+        silent.listen(0)
+        queued.connect((pair.ip_b, 8457))
+        a.start()
+        a.role("primary")  # returns once the worker serves
+        st = a.status()
+    assert st["status"] == "degraded" and st["serving"]
+    # From the worker's start to its giving up, in hastd's own log: the connect's bound (and the
+    # worker's start-up), well below the handshake's.
+    started = _log_time(a.log, f"Worker started (pid={st['workerpid']}, primary)")
+    gave_up = _log_time(a.log, f"Unable to connect to {pair.ip_b}: timed out")
+    assert _log_time(a.log, "starting degraded") >= gave_up
+    assert gave_up - started < primary_mod.FIRST_CONNECT_TIMEOUT, gave_up - started
+
+
+def _log_time(log, text: str) -> float:
+    """When hastd logged the first line containing text (seconds since the epoch)."""
+    line = next(line for line in log.read_text().splitlines() if text in line)
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
