@@ -1116,16 +1116,16 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
         prov = open_provider(res.local)
         prov.lock()
         md = prov.read_metadata(res.name)
-    except HastError as exc:
+        if md.resuid == 0:
+            md = replace(md, localcnt=0, remotecnt=0)
+        md = replace(md, prevrole="primary", replicaid=md.replicaid or metadata.new_replica_id())
+        prov.write_metadata(md)
+        prov.sync()
+    except HastError as exc:  # the provider: opening, locking, its metadata read or written
         log.error("%s", exc)
         channel.event("refused", reason=str(exc))  # for hastctl list and role primary
         return exc.exit_code
     set_io_flusher()
-    if md.resuid == 0:
-        md = replace(md, localcnt=0, remotecnt=0)
-    md = replace(md, prevrole="primary", replicaid=md.replicaid or metadata.new_replica_id())
-    metadata.write_metadata(prov.fd, md)
-    localio.flush(prov.fd)
     p = Primary(res, prov, md, channel)
     if res.remote != const.REMOTE_NONE:
         deadline = time.monotonic() + res.timeout

@@ -1,4 +1,6 @@
-"""The secondary when its disk refuses a metadata write of a connected worker.
+"""A worker whose disk refuses a metadata write: the secondary's after the handshake, and the
+primary's at its start (the provider's error, path and reason, with exit 66, as when the
+provider cannot be opened).
 
 After the handshake the secondary writes metadata twice: it zeroes its bitmap at the first
 request of each connection, and clears its inconsistent mark when a sync completes.
@@ -128,3 +130,24 @@ def test_a_secondary_that_cannot_clear_its_inconsistent_mark_says_why_and_discon
         refused, disconnect = events.read(), events.read()
     assert refused["event"] == "refused" and disconnect == {"event": "disconnect"}
     assert refused["reason"] == f"{res.local}: Unable to write at offset 0: Bad file descriptor."
+
+
+@pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+def test_a_primary_whose_disk_refuses_its_start_up_metadata_write_goes_back_to_init_and_says_why(make_pair):
+    """The primary worker records its role in the metadata before it serves; a disk that refuses
+    that write is the provider's error (path and reason, exit 66), not a traceback."""
+    pair: Pair = make_pair(size=16 * MiB)
+    a = pair.a
+    trigger = a.dir / "disk-fails"
+    with failing_disk(a.disk_of(), trigger):
+        try:
+            pair.start(connect=False)
+            trigger.touch()
+            cp = a.hastctl("role", "primary", a.res, check=False)
+            assert cp.returncode == os.EX_NOINPUT, cp
+            st = a.status()
+            assert (st["role"], st["workerpid"]) == ("init", 0)
+            assert st["worker_error"] == f"{a.disk_of()}: Unable to write at offset 0: Input/output error."
+            assert "Traceback" not in a.log.read_text()
+        finally:
+            pair.stop()  # before the FUSE mount goes: hastd holds the provider open
