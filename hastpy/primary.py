@@ -45,7 +45,7 @@ from hastpy.proto import pipeline
 from hastpy.provider import open_provider
 from hastpy.rangelock import LockKind, RangeLocks
 from hastpy.transport import FrameStream, connect, recv_one, send_buffers, send_frame, set_timeout
-from hastpy.worker import Channel, drop_privileges, set_io_flusher
+from hastpy.worker import Channel, drop_privileges, fail_stop, run_or_exit, set_io_flusher
 
 log = logging.getLogger("hastd")
 
@@ -128,8 +128,8 @@ class Link:
         self.keepalive = keepalive_interval(self.version, timeout)
 
     def start(self) -> None:
-        threading.Thread(target=self._send_loop, name="remote-send", daemon=True).start()
-        threading.Thread(target=self._recv_loop, name="remote-recv", daemon=True).start()
+        threading.Thread(target=fail_stop(self._send_loop), name="remote-send", daemon=True).start()
+        threading.Thread(target=fail_stop(self._recv_loop), name="remote-recv", daemon=True).start()
 
     def submit(self, cmd: int, offset: int, length: int, data, memsync: bool, callback, inline: bool = False) -> None:
         """Send a request; callback(error_errno, received, data) runs on reply or failure.
@@ -313,7 +313,7 @@ class Primary:
         self._ranges_cv = threading.Condition()  # guards self._ranges
         self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
         # Small writes from several connections' receive threads: one of them starts them all.
-        self._combiner: Combiner[tuple] = Combiner(self._write_group, self._fail_writes, self.pool.submit, COMBINE_MAX_ROUNDS)
+        self._combiner: Combiner[tuple] = Combiner(self._write_group, self._fail_writes, self._in_pool, COMBINE_MAX_ROUNDS)
         self._link_lock = threading.Lock()  # guards self.link and self.connected_since
         self.link: Link | None = None
         self._sync_wanted = threading.Event()
@@ -414,10 +414,16 @@ class Primary:
     # -- metadata and bitmap --------------------------------------------------------------------
 
     def write_md(self, **changes) -> None:
+        """Write the metadata with `changes`, durably; `self.md` takes them only once they are on
+        disk. ProviderError (the path and the reason) if the disk refuses."""
         with self._md_lock:
-            self.md = replace(self.md, **changes)
-            metadata.write_metadata(self.fd, self.md)
-            localio.flush(self.fd)
+            self._store_md(replace(self.md, **changes))
+
+    def _store_md(self, md: metadata.Metadata) -> None:
+        # Under _md_lock.
+        self.prov.write_metadata(md)
+        self.prov.sync()
+        self.md = md
 
     def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False) -> None:
         """Write the activemap image. With ranges (offset, length): only if some of their
@@ -503,6 +509,10 @@ class Primary:
             self._combiner.submit(run)
         else:
             self._write_group(run)
+
+    def _in_pool(self, fn, *args) -> None:
+        """fn(*args) on a pool thread, through worker.run_or_exit."""
+        self.pool.submit(run_or_exit, fn, *args)
 
     def _fail_writes(self, requests: list[tuple], exc: BaseException) -> None:
         """The combiner's group failed to start (a bug): fail each request not yet answered."""
@@ -594,7 +604,7 @@ class Primary:
             hio.remote_total = len(chunks) if link else 1
             hio.parts = 1 + hio.remote_total
             if hio.kind != "write" or hio.fua:
-                self.pool.submit(self._local_write, hio)
+                self._in_pool(self._local_write, hio)
             if not link:
                 self._remote_part_done(hio, errno.ENOTCONN)
                 continue
@@ -705,7 +715,16 @@ class Primary:
             hio.done(hio.local_err or errno.EIO, None)
             return
         if not hio.remote_ok or self.link is None:
-            self._bump_localcnt_if_first()
+            try:
+                self._bump_localcnt_if_first()
+            except HastError as exc:
+                # Acknowledged, the write would be on this disk alone with nothing on it to tell
+                # the next handshake so: a failover would then lose it without a split-brain.
+                log.error("Unable to record a write the peer lacks, failing it: %s", exc)
+                if not hio.local_err:
+                    self.count("write_errors" if hio.kind == "write" else "delete_errors")
+                hio.done(hio.local_err or errno.EIO, None)
+                return
         hio.done(hio.local_err or err or 0, None)
 
     def _finish_write(self, hio: Hio) -> None:
@@ -729,14 +748,13 @@ class Primary:
 
     def _bump_localcnt_if_first(self) -> None:
         """hast.md §7.2: the first write acknowledged without the peer bumps localcnt, durably,
-        before the ack, so the next handshake knows this node has data the peer lacks."""
+        before the ack, so the next handshake knows this node has data the peer lacks.
+        ProviderError if the disk refuses; localcnt stays, so the next such write tries again."""
         with self._md_lock:
             new = syncdecide.localcnt_after_write(self.md.localcnt, self.peer.remotecnt)
             if new == self.md.localcnt:
                 return
-            self.md = replace(self.md, localcnt=new)
-            metadata.write_metadata(self.fd, self.md)
-            localio.flush(self.fd)
+            self._store_md(replace(self.md, localcnt=new))
         log.info("Increasing localcnt to %d.", new)
 
     def _read(self, offset: int, length: int, done) -> None:
@@ -763,7 +781,7 @@ class Primary:
                 return
             done(0, data)
 
-        self.pool.submit(local)
+        self._in_pool(local)
 
     def _remote_read(self, link: Link, offset: int, length: int, done) -> None:
         chunks = self._remote_chunks(offset, length, link)
@@ -815,7 +833,7 @@ class Primary:
                 self.count("flush_errors")
                 part(exc.errno or errno.EIO)
 
-        self.pool.submit(local)
+        self._in_pool(local)
         if link:
             # A remote that fails here is disconnected: its unconfirmed writes are already marked
             # for resync, so the flush only has to be durable locally.
@@ -868,33 +886,35 @@ class Primary:
             if len(frame.payload):
                 bitmap = pipeline.decode_payload(frame.payload, frame.nv)
             maxio = msg.negotiate_maxio(version, const.MAXPHYS, info.maxio)
+            # Adopt what the handshake decided; a disk that refuses to record it fails the
+            # attempt, and nothing of it is left open.
+            if virgin:
+                self.write_md(resuid=resuid)
+            if info.replicaid and info.replicaid != self.md.peerid:
+                # Before the first write goes to it: from here on the copy we last replicated with,
+                # if another, misses writes, and its handshake is refused (syncdecide).
+                log.info("Replicating with copy %016x from now on (was %s).", info.replicaid,
+                         f"copy {self.md.peerid:016x}" if self.md.peerid else "none known")  # fmt: skip
+                self.write_md(peerid=info.replicaid)
+            self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
+            self.syncsrc = info.syncsrc
+            if info.syncsrc == syncdecide.SYNCSRC_SECONDARY and not self.md.inconsistent:
+                # Our data is the older copy until the sync from the secondary completes: if this
+                # worker dies before then, a restart without the peer must not serve it.
+                log.warning("Local data is older than the secondary's: marked inconsistent until the synchronization completes.")
+                self.write_md(inconsistent=True)
+            with self._am_lock:
+                if bitmap:
+                    # The peer sizes its map from its own provider (hast.md §11 caveat 6); only the
+                    # bits of extents we have matter, so fit it to our map.
+                    self.am.merge(bytes(bitmap[: self.am.mapsize]).ljust(self.am.mapsize, b"\0"))
+                self.am.sync_rewind()
+            self.flush_bitmap()
         except BaseException:
             out.close()
             if inn is not None:
                 inn.close()
             raise
-        if virgin:
-            self.write_md(resuid=resuid)
-        if info.replicaid and info.replicaid != self.md.peerid:
-            # Before the first write goes to it: from here on the copy we last replicated with,
-            # if another, misses writes, and its handshake is refused (syncdecide).
-            log.info("Replicating with copy %016x from now on (was %s).", info.replicaid,
-                     f"copy {self.md.peerid:016x}" if self.md.peerid else "none known")  # fmt: skip
-            self.write_md(peerid=info.replicaid)
-        self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
-        self.syncsrc = info.syncsrc
-        if info.syncsrc == syncdecide.SYNCSRC_SECONDARY and not self.md.inconsistent:
-            # Our data is the older copy until the sync from the secondary completes: if this
-            # worker dies before then, a restart without the peer must not serve it.
-            log.warning("Local data is older than the secondary's: marked inconsistent until the synchronization completes.")
-            self.write_md(inconsistent=True)
-        with self._am_lock:
-            if bitmap:
-                # The peer sizes its map from its own provider (hast.md §11 caveat 6); only the
-                # bits of extents we have matter, so fit it to our map.
-                self.am.merge(bytes(bitmap[: self.am.mapsize]).ljust(self.am.mapsize, b"\0"))
-            self.am.sync_rewind()
-        self.flush_bitmap()
         set_timeout(out, res.timeout)
         set_timeout(inn, res.timeout)
         return Link(self, out, inn, version, maxio, (res.remote, res.source))
@@ -1049,10 +1069,18 @@ class Primary:
         self.syncsrc = syncdecide.SYNCSRC_UNDEF
         self.sync_state = "done"
         after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
-        if was_stale:
-            localio.flush(self.fd)  # the synced data durable before the mark goes
-        if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
-            self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt, inconsistent=self.md.inconsistent and not was_stale)
+        try:
+            if was_stale:
+                self.prov.sync()  # the synced data durable before the mark goes
+            if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
+                self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt,
+                              inconsistent=self.md.inconsistent and not was_stale)  # fmt: skip
+        except HastError as exc:
+            # The counters (and our mark) stay as they were: the next handshake decides from
+            # them again and syncs what is still marked. No syncdone: the secondary keeps its
+            # mark too until a sync is recorded on both sides.
+            log.error("Unable to record the synchronization: %s", exc)
+            return
         if was_stale:
             log.info("Local data is up to date again.")
         link.send_syncdone()
@@ -1072,9 +1100,9 @@ class Primary:
                 log.error("Unable to write the activemap: %s.", exc.strerror)
 
     def start_threads(self) -> None:
-        threading.Thread(target=self.guard, name="guard", daemon=True).start()
-        threading.Thread(target=self.sync_loop, name="sync", daemon=True).start()
-        threading.Thread(target=self.clear_loop, name="activemap-clear", daemon=True).start()
+        threading.Thread(target=fail_stop(self.guard), name="guard", daemon=True).start()
+        threading.Thread(target=fail_stop(self.sync_loop), name="sync", daemon=True).start()
+        threading.Thread(target=fail_stop(self.clear_loop), name="activemap-clear", daemon=True).start()
 
 
 def _stale_data_refusal(p: Primary, force: bool) -> str | None:
@@ -1136,13 +1164,17 @@ def run(res: Resource, spec: dict, channel: Channel) -> int:
                 break
             time.sleep(WAIT_RETRY)
     if p.md.inconsistent:
-        refusal = _stale_data_refusal(p, bool(spec.get("force")))
+        code = const.STALE_DATA_EXIT
+        try:
+            refusal = _stale_data_refusal(p, bool(spec.get("force")))
+        except HastError as exc:  # forced, and the disk refused to drop the mark
+            refusal, code = str(exc), exc.exit_code
         if refusal is not None:
             log.error("%s", refusal)
             channel.event("refused", reason=refusal)
             if p.link is not None:
                 p.link.close("refusing to serve inconsistent local data")
-            return const.STALE_DATA_EXIT
+            return code
     listener = socket.socket(fileno=spec["fds"]["nbd"])
     channel.serve_status(p.status, p.reconfigure)
     drop_privileges()

@@ -32,7 +32,7 @@ from hastpy.proto import messages as msg
 from hastpy.proto import pipeline
 from hastpy.provider import open_provider
 from hastpy.transport import PAYLOAD_READ_AHEAD, FrameStream, send_buffers, send_frame, set_timeout
-from hastpy.worker import Channel, drop_privileges
+from hastpy.worker import Channel, drop_privileges, run_or_exit
 
 log = logging.getLogger("hastd")
 
@@ -248,7 +248,7 @@ class Secondary:
             with self._inflight_cv:
                 self._inflight += 1
         self._queued += 1
-        self.pool.submit(self._io, req, data)
+        self.pool.submit(run_or_exit, self._io, req, data)
 
     def serve(self) -> int:
         stream = FrameStream(self.reqsock, self.version, self.maxio, msg.REQUEST_LAYOUTS, PAYLOAD_READ_AHEAD, self._send_held)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import pwd
@@ -18,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import fields
 
 from hastpy import control
@@ -80,6 +82,25 @@ class Channel:
             os._exit(os.EX_SOFTWARE)
 
         threading.Thread(target=loop, name="control", daemon=True).start()
+
+
+def run_or_exit(fn: Callable[..., object], *args) -> None:
+    """fn(*args), in a thread or pool task the worker cannot do without (replication, sync,
+    bitmap clearing, local I/O). An exception fn does not handle itself is a bug: it is logged
+    with its traceback and the worker exits with EX_TEMPFAIL, on which the supervisor restarts a
+    primary worker, as hastd does. Left to itself the thread would just stop (or the pool would
+    keep the exception in a Future no one reads), and every request waiting for it would hang
+    with the worker still up: no failover either."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - what fn left unhandled, whatever it is
+        log.critical("Internal error in thread %s: exiting.", threading.current_thread().name, exc_info=True)
+        os._exit(os.EX_TEMPFAIL)
+
+
+def fail_stop(fn: Callable[..., object]) -> Callable[..., None]:
+    """fn, run through run_or_exit: a thread target."""
+    return functools.partial(run_or_exit, fn)
 
 
 def resource_from_dict(d: dict) -> Resource:

@@ -21,6 +21,7 @@ provider opened read-only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -30,9 +31,11 @@ from pathlib import Path
 import pytest
 
 from harness import MiB, Pair, block_device_unavailable, sha, wait_for
-from hastpy import config, control
+from hastpy import config, control, syncdecide
 from hastpy import constants as const
+from hastpy.nbd.client import NBDClient
 from hastpy.proto import messages as msg
+from hastpy.primary import Link, Primary
 from hastpy.provider import open_provider
 from hastpy.secondary import Secondary
 from hastpy.transport import send_frame
@@ -47,6 +50,8 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 # The worker's exit, and the primary's next connection attempt after the disk is back.
 FAULT_TIMEOUT = 60.0
+# A reply the worker owes: a write that hangs instead fails the test after this.
+REPLY_TIMEOUT = 20.0
 
 
 @contextlib.contextmanager
@@ -151,3 +156,68 @@ def test_a_primary_whose_disk_refuses_its_start_up_metadata_write_goes_back_to_i
             assert "Traceback" not in a.log.read_text()
         finally:
             pair.stop()  # before the FUSE mount goes: hastd holds the provider open
+
+
+@pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+def test_a_write_that_neither_disk_takes_fails_when_the_primary_cannot_record_it(make_pair):
+    """A write the secondary did not take must bump localcnt (durably) before it is answered;
+    that bump is made by the thread that receives the secondary's replies. If the primary's disk
+    refuses it, the write fails with EIO, said in the log with the path, and the same worker
+    goes on serving (before: the reply thread died with a traceback and every later write hung)."""
+    pair: Pair = make_pair(size=16 * MiB)
+    a, b = pair.a, pair.b
+    a_fails, b_fails = a.dir / "disk-fails", b.dir / "disk-fails"
+    with failing_disk(a.disk_of(), a_fails), failing_disk(b.disk_of(), b_fails):
+        try:
+            pair.start()
+            (worker,) = a.worker_pids()
+            c = NBDClient.connect_unix(a.nbd_socket, timeout=REPLY_TIMEOUT)
+            first, second, third = os.urandom(64 * 1024), os.urandom(64 * 1024), os.urandom(64 * 1024)
+            # Its extent's bit goes to disk now, so the failing write below needs no bitmap
+            # write first (that one would fail it before it went anywhere).
+            c.pwrite(0, first)
+
+            a_fails.touch()
+            b_fails.touch()
+            with pytest.raises(OSError) as failed:
+                c.pwrite(0, second)
+            assert failed.value.errno == errno.EIO
+            a_fails.unlink()
+            b_fails.unlink()
+
+            c.pwrite(64 * 1024, third)  # answered: the reply thread is alive
+            assert c.pread(64 * 1024, len(third)) == third
+            c.disconnect()
+            assert a.worker_pids() == [worker]
+            assert a.status()["statistics"]["write_errors"] >= 1
+            log = a.log.read_text()
+            assert f"Unable to record a write the peer lacks, failing it: {a.disk_of()}: Unable to write at offset 0: Input/output error." in log
+            assert "Traceback" not in log
+        finally:
+            pair.stop()  # before the FUSE mounts go: hastd holds the providers open
+
+
+def test_a_primary_that_cannot_record_a_finished_sync_keeps_its_mark_and_sends_no_syncdone(make_pair, caplog):
+    """A sync from the secondary brought this node's data up to date, and the metadata write
+    that records it (counters, inconsistent mark dropped) fails: the worker says so and goes on,
+    the mark stays (in memory as on disk), and the secondary is not told the sync is done
+    (before: an uncaught ProviderError ended the sync thread). In this process, over the
+    provider opened read-only, like the secondary's test above."""
+    pair: Pair = make_pair(size=16 * MiB)  # not started
+    res = config.load(str(pair.a.conf), (pair.a.name,)).resource(pair.a.res)
+    prov = open_provider(res.local, writable=False)
+    md = replace(prov.read_metadata(res.name), inconsistent=True)
+    out, out_peer = socket.socketpair()
+    inn, inn_peer = socket.socketpair()
+    supervisor, worker = socket.socketpair()
+    with prov, out, out_peer, inn, inn_peer, supervisor, worker:
+        p = Primary(res, prov, md, Channel(worker))
+        p.syncsrc = syncdecide.SYNCSRC_SECONDARY
+        link = Link(p, out, inn, msg.PROTO_VERSION, const.MAXPHYS, (res.remote, res.source))
+        p._sync_complete(link, MiB, 0.5)  # noqa: SLF001 - the step under test
+        assert p.md.inconsistent
+        out_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            out_peer.recv(1)  # no syncdone, nothing at all
+        p.pool.shutdown()
+    assert f"Unable to record the synchronization: {res.local}: Unable to write at offset 0: Bad file descriptor." in caplog.text
