@@ -1210,25 +1210,20 @@ class NbdFrontend:
 
     @staticmethod
     def _primary_args(request, done) -> tuple | None:
-        """Primary.submit's arguments for an NBD request; None if it was answered here."""
+        """Primary.submit's arguments for an NBD request; None if it was answered here. The NBD
+        server's `done(error, data)` takes the errno values the Primary reports as they are (it
+        turns them into NBD errors itself), so it is passed on unwrapped."""
         kind = request.kind
         Command = nbdcodec.Command
-
-        def finish(err, data=None):
-            if err:
-                done(error=nbdcodec.nbd_error(err))
-            else:
-                done(error=0, data=data if data is not None else b"")
-
-        if kind == Command.READ:
-            return ("read", request.offset, request.length, None, False, finish)
         if kind == Command.WRITE:
-            return ("write", request.offset, request.length, request.data, request.fua, finish)
+            return ("write", request.offset, request.length, request.data, request.fua, done)
+        if kind == Command.READ:
+            return ("read", request.offset, request.length, None, False, done)
         if kind in (Command.TRIM, Command.WRITE_ZEROES):
             # Both zero the range on both nodes (localio.discard guarantees zeros), so replicas
             # stay equal whatever the client asked to be deallocated.
-            return ("trim", request.offset, request.length, None, request.fua, finish)
+            return ("trim", request.offset, request.length, None, request.fua, done)
         if kind == Command.FLUSH:
-            return ("flush", 0, 0, None, False, finish)
-        done(error=nbdcodec.nbd_error(errno.EINVAL))
+            return ("flush", 0, 0, None, False, done)
+        done(errno.EINVAL)
         return None
