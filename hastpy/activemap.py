@@ -222,6 +222,17 @@ class ActiveMap:
         means every extent of the write is already set in an image reported by ``flushed``.
         """
         exts = self.extents_of(offset, length)
+        if len(exts) == 1:
+            # The common case, inlined: one extent of the keepdirty list whose bit is on disk.
+            # Nothing to flush, nothing to pre-mark (that rides only a flush), nothing evicted.
+            ext = exts[0]
+            if ext in self._lru and self._diskmap[ext >> 3] & (1 << (ext & 7)):
+                count = self._memtab.get(ext, 0)
+                self._memtab[ext] = count + 1
+                if count == 0:
+                    self._mark(ext)
+                self._lru.move_to_end(ext)
+                return False
         touched = list(exts)
         sequential = self.premark and bool(exts) and exts[0] - 1 in self._lru
         # Pre-marking rides only a write-ahead flush (a bit of this write not yet on disk), never
@@ -254,6 +265,12 @@ class ActiveMap:
                 self._memtab[ext] = count
             else:
                 self._release(ext)
+        if len(exts) == 1:
+            # The common case, inlined: an extent of the keepdirty list stays in the image, so if
+            # its bit is on disk the image agrees with the disk there (what _differs would say).
+            ext = exts[0]
+            if ext in self._lru and self._diskmap[ext >> 3] & (1 << (ext & 7)):
+                return False
         return self._count_update(self._differs(exts))
 
     def need_sync(self, offset: int, length: int) -> bool:

@@ -164,6 +164,12 @@ class NvList:
     def get_int(self, name: str, typ: NvType, default: int = 0) -> int:
         return self.get(name, typ, default)  # type: ignore[return-value]
 
+    def layout_values(self) -> tuple[NvLayout, tuple[int, ...]] | None:
+        """(layout, its values) if this list is exactly what a fixed NvLayout decoded, and still
+        unchanged; else None. Lets a decoder of a known message read all its fields at once
+        (messages.Request.from_nv, Reply.from_nv) instead of one lookup each."""
+        return None
+
     def get_string(self, name: str, default: str | None = None) -> str | None:
         return self.get(name, NvType.STRING, default)  # type: ignore[return-value]
 
@@ -396,6 +402,11 @@ class _LayoutNvList(NvList):
         self._fields = fields
         self._values = None
         return fields
+
+    def layout_values(self) -> tuple[NvLayout, tuple[int, ...]] | None:
+        if self._values is None:
+            return None
+        return self._layout, self._values
 
     def find(self, name: str) -> NvField | None:
         if self._values is None:

@@ -310,7 +310,12 @@ class Primary:
         self._flush_lock = threading.Lock()  # serializes bitmap writes: bitmap() .. write .. flushed()
         self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
         self._ranges = RangeLocks()
-        self._ranges_cv = threading.Condition()  # guards self._ranges
+        # _ranges_lock guards _ranges and _range_waiters. _ranges_cv, on the same lock, is waited
+        # on and notified only when a range is contended: an uncontended user write takes the
+        # plain lock and calls no Condition method (each of those is Python code).
+        self._ranges_lock = threading.Lock()
+        self._ranges_cv = threading.Condition(self._ranges_lock)
+        self._range_waiters = 0
         self.pool = ThreadPoolExecutor(LOCAL_THREADS, thread_name_prefix="local")
         # Small writes from several connections' receive threads: one of them starts them all.
         self._combiner: Combiner[tuple] = Combiner(self._write_group, self._fail_writes, self._in_pool, COMBINE_MAX_ROUNDS)
@@ -522,15 +527,22 @@ class Primary:
                 done(errno.EIO, None)
 
     def _lock_range(self, kind: LockKind, offset: int, length: int):
-        with self._ranges_cv:
-            while (token := self._ranges.try_lock(kind, offset, length)) is None:
-                self._ranges_cv.wait()
+        with self._ranges_lock:
+            token = self._ranges.try_lock(kind, offset, length)
+            if token is None:
+                self._range_waiters += 1
+                try:
+                    while (token := self._ranges.try_lock(kind, offset, length)) is None:
+                        self._ranges_cv.wait()
+                finally:
+                    self._range_waiters -= 1
             return token
 
     def _unlock_range(self, token) -> None:
-        with self._ranges_cv:
+        with self._ranges_lock:
             self._ranges.unlock(token)
-            self._ranges_cv.notify_all()
+            if self._range_waiters:
+                self._ranges_cv.notify_all()
 
     def _write(self, kind, offset, length, data, fua, done) -> None:
         hio = Hio(kind, offset, length, data, fua, done)
@@ -552,7 +564,7 @@ class Primary:
         group: list[Hio] = []
         needs_flush = False
         for i, req in enumerate(requests):
-            with self._ranges_cv:
+            with self._ranges_lock:
                 token = self._ranges.try_lock(LockKind.REGULAR, req[1], req[2])
             if token is None:
                 break

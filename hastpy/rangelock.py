@@ -24,6 +24,10 @@ class LockKind(enum.Enum):
     REGULAR = "regular"  # a user write
     SYNC = "sync"  # a sync chunk: exclusive
 
+    # Kinds key dicts looked up several times per user write. Members are singletons compared by
+    # identity, so identity hashing is exact, and it is C code where Enum's __hash__ is Python.
+    __hash__ = object.__hash__
+
 
 # Which kinds of held lock block a new lock of each kind: every overlap conflicts (module doc).
 _BLOCKED_BY = {

@@ -333,18 +333,23 @@ class InFlightWindow:
         self.max_bytes = max_bytes
         self.requests = 0
         self.bytes = 0
-        self._cond = threading.Condition()  # guards requests and bytes
+        # _lock guards requests, bytes and _waiters. _cond, on the same lock, is waited on and
+        # notified only while someone waits: admitting and releasing a request (each request
+        # does both) take the plain lock and call no Condition method (each is Python code).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
 
     def acquire(self, nbytes: int) -> None:
-        with self._cond:
-            if not self._fits(nbytes):  # the common case fits at once: no predicate closure
-                self._cond.wait_for(lambda: self._fits(nbytes))
+        with self._lock:
+            if not self._fits(nbytes):
+                self._wait_for(lambda: self._fits(nbytes))
             self.requests += 1
             self.bytes += nbytes
 
     def try_acquire(self, nbytes: int) -> bool:
         """acquire() if the request fits now; False, and nothing taken, if it would wait."""
-        with self._cond:
+        with self._lock:
             if not self._fits(nbytes):
                 return False
             self.requests += 1
@@ -352,14 +357,23 @@ class InFlightWindow:
             return True
 
     def release(self, nbytes: int) -> None:
-        with self._cond:
+        with self._lock:
             self.requests -= 1
             self.bytes -= nbytes
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
     def wait_empty(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.requests == 0, timeout)
+        with self._lock:
+            return self._wait_for(lambda: self.requests == 0, timeout)
+
+    def _wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        # Under _lock.
+        self._waiters += 1
+        try:
+            return self._cond.wait_for(predicate, timeout)
+        finally:
+            self._waiters -= 1
 
     def _fits(self, nbytes: int) -> bool:
         if self.requests == 0:

@@ -451,6 +451,12 @@ class Request:
         connection; hastd answers some of these with EINVAL instead, then mis-parses a WRITE's
         unread payload as the next header.
         """
+        fixed = nv.layout_values()
+        if fixed is not None:  # every field present with its type: read them at once
+            layout, values = fixed
+            if layout in _REQUEST_LAYOUT_MEMSYNC and values[0] != Cmd.KEEPALIVE:
+                cmd, seq, offset, length = values[:4]
+                return cls(cmd, seq, offset, length, _REQUEST_LAYOUT_MEMSYNC[layout] and cmd == Cmd.WRITE)
         what = "request"
         cmd = _field(nv, "cmd", NvType.UINT8, what)
         if cmd == Cmd.KEEPALIVE:
@@ -514,6 +520,10 @@ class Reply:
 
     @classmethod
     def from_nv(cls, nv: NvList) -> Reply:
+        fixed = nv.layout_values()
+        if fixed is not None and fixed[0] in _REPLY_LAYOUT_RECEIVED and fixed[1][0]:
+            # No error field in these layouts; seq 0 takes the generic path and its refusal.
+            return cls(fixed[1][0], 0, _REPLY_LAYOUT_RECEIVED[fixed[0]])
         seq = _field(nv, "seq", NvType.UINT64, "reply")
         if seq == 0:
             raise RemoteProtocolError("reply: seq is 0")
@@ -544,6 +554,10 @@ REPLY_WITH_PAYLOAD_LAYOUT = NvLayout([("seq", NvType.UINT64)] + _SIZE_FIELD)
 # field).
 REQUEST_LAYOUTS = (REQUEST_WITH_PAYLOAD_LAYOUT, MEMSYNC_REQUEST_LAYOUT, REQUEST_LAYOUT)
 REPLY_LAYOUTS = (REPLY_LAYOUT, RECEIVED_REPLY_LAYOUT, REPLY_WITH_PAYLOAD_LAYOUT)
+# For the decoders' fast paths (Request.from_nv, Reply.from_nv): each layout, and whether it
+# carries the memsync or received flag. The request layouts start with _REQUEST_FIELDS in order.
+_REQUEST_LAYOUT_MEMSYNC = {REQUEST_WITH_PAYLOAD_LAYOUT: False, MEMSYNC_REQUEST_LAYOUT: True, REQUEST_LAYOUT: False}
+_REPLY_LAYOUT_RECEIVED = {REPLY_LAYOUT: False, RECEIVED_REPLY_LAYOUT: True, REPLY_WITH_PAYLOAD_LAYOUT: False}
 
 
 def encode_request_nv(req: Request, payload_size: int) -> bytes | None:

@@ -46,6 +46,8 @@ CHECKSUMS = (CHECKSUM_NONE, CHECKSUM_CRC32, CHECKSUM_SHA256)
 
 # Original length in front of hole and lzf data.
 _ORIGSIZE = struct.Struct("<I")
+# The nv fields encode_payload may add; decode_payload looks for them.
+_PIPELINE_FIELDS = frozenset(("compression", "checksum", "hash"))
 _UINT32_MAX = 0xFFFFFFFF
 
 # hast_compression.c HAST_LZF_COMPRESS_MIN: smaller buffers are not worth compressing, and a
@@ -202,12 +204,16 @@ def decode_payload(
     Returns payload itself when there is nothing to undo. An empty payload skips the pipeline,
     as in hastd. Every failure is a RemoteProtocolError.
     """
-    try:
-        compression = nv.get_string("compression")
-        checksum = nv.get_string("checksum")
-        digest = nv.get_bytes("hash")
-    except NvError as exc:
-        raise RemoteProtocolError(f"bad pipeline field: {exc}") from exc
+    fixed = nv.layout_values()
+    if fixed is not None and _PIPELINE_FIELDS.isdisjoint(fixed[0].index):
+        compression = checksum = digest = None  # a fixed layout without them: nothing to look up
+    else:
+        try:
+            compression = nv.get_string("compression")
+            checksum = nv.get_string("checksum")
+            digest = nv.get_bytes("hash")
+        except NvError as exc:
+            raise RemoteProtocolError(f"bad pipeline field: {exc}") from exc
     data = payload
     if memoryview(payload).nbytes:
         if checksum is not None:

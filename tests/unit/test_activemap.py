@@ -814,6 +814,10 @@ class ActiveMapModel(RuleBasedStateMachine):
             self.flush_if(self.am.need_sync(offset, length))
         self.inflight.remove((offset, length))
         flag = self.am.write_complete(offset, length)
+        if not flag:  # no flush asked: the image agrees with the disk on this write's extents
+            image = self.written() | self.needsync | set(self.lru)
+            for ext in self.am.extents_of(offset, length):
+                assert (ext in image) == (ext in self.disk), "write_complete hid a change"
         self.updates += flag
         self.flush_if(flag)
 

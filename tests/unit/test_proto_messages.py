@@ -658,6 +658,7 @@ def test_hostile_nv_gives_messages_or_remote_protocol_error(nv):
 from hypothesis import settings  # noqa: E402
 
 from hastpy.proto import messages as _m  # noqa: E402
+from hastpy.proto.pipeline import decode_payload  # noqa: E402
 from hastpy.proto.frame import encode_frame_nv  # noqa: E402
 
 _u64 = st.integers(1, 2**64 - 1)
@@ -728,3 +729,46 @@ def test_fast_encoders_leave_the_rest_to_the_generic_path():
         _m.encode_request_nv(Request(Cmd.WRITE, 0, 0, 512), 512)  # seq 0: to_nv's checks apply
     with pytest.raises(LocalProtocolError):
         encode_frame_nv(2, bytes(64 * 1024 + 8))
+
+
+_INT_RANGES = {NvType.UINT8: (0, 255), NvType.INT8: (-128, 127), NvType.UINT32: (0, 2**32 - 1), NvType.UINT64: (0, 2**64 - 1)}
+
+
+@st.composite
+def _layout_body(draw, layouts):
+    """Any values at all in one of the fixed layouts (any cmd, seq 0, a received flag of 0)."""
+    layout = draw(st.sampled_from(layouts))
+    values = []
+    for _, typ in layout.fields:
+        lo, hi = _INT_RANGES[typ]
+        special = [v for v in (0, 1, *map(int, Cmd)) if lo <= v <= hi]  # commands, seq 0, flags
+        values.append(draw(st.one_of(st.sampled_from(special), st.integers(lo, hi))))
+    return layout.encode(*values)
+
+
+def _outcome(decode, nv):
+    try:
+        return decode(nv)
+    except RemoteProtocolError as exc:
+        return ("refused", str(exc))
+
+
+@settings(max_examples=500)
+@given(_layout_body(_m.REQUEST_LAYOUTS + _m.REPLY_LAYOUTS), st.binary(max_size=8))
+def test_decoders_read_a_layout_decoded_header_as_the_generic_decoder_does(body, payload):
+    """Request.from_nv, Reply.from_nv and decode_payload read a header a layout decoded all at
+    once; whatever its values, the outcome is the generic decoder's (result or refusal)."""
+    fast = next(d for d in (lay.decode(body) for lay in _m.REQUEST_LAYOUTS + _m.REPLY_LAYOUTS) if d is not None)
+    assert fast.layout_values() is not None
+    generic = NvList.decode(body)
+    assert generic.layout_values() is None
+    for decode in (Request.from_nv, Reply.from_nv, lambda nv: bytes(decode_payload(payload, nv))):
+        assert _outcome(decode, fast) == _outcome(decode, generic)
+
+
+def test_a_changed_layout_decoded_header_is_read_field_by_field():
+    body = _m.REPLY_LAYOUT.encode(7)
+    nv = _m.REPLY_LAYOUT.decode(body)
+    nv.add_int16("error", 5)  # FreeBSD's EIO
+    assert nv.layout_values() is None
+    assert Reply.from_nv(nv) == Reply(7, error=errno.EIO)
