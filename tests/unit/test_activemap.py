@@ -777,6 +777,19 @@ class ActiveMapModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def start_write(self, data):
         offset, length = self.draw_range(data)
+        self.start(offset, length, flush_works=True)
+        self.inflight.append((offset, length))
+
+    @rule(data=st.data())
+    def write_whose_flush_fails(self, data):
+        """The bitmap write a write_start asked for fails: the primary fails the write at once
+        (write_complete, no flush of its own), and a later flush that works catches up."""
+        offset, length = self.draw_range(data)
+        self.start(offset, length, flush_works=False)
+        self.complete(offset, length)
+        self.flush_if(self.am.flush_needed())
+
+    def start(self, offset, length, flush_works: bool) -> None:
         exts = self.am.extents_of(offset, length)
         sequential = self.premark and exts[0] - 1 in self.lru
         sets_bits = not set(exts) <= self.disk
@@ -784,8 +797,12 @@ class ActiveMapModel(RuleBasedStateMachine):
         if not flag:
             assert set(exts) <= self.disk, "write-ahead violated: bit not on disk"
         self.updates += flag
-        self.flush_if(flag)
-        self.inflight.append((offset, length))
+        if flush_works:
+            self.flush_if(flag)
+        elif flag:
+            # Written and failed: flushed() never comes, and a torn write may have cleared
+            # whatever the image clears.
+            self.disk &= bits(self.am.bitmap())
         for ext in exts:
             self.lru_touch(ext)
         # The pre-marked next extent joins the list as an extra (no eviction), in the same
@@ -793,7 +810,7 @@ class ActiveMapModel(RuleBasedStateMachine):
         if sets_bits and sequential and exts[-1] + 1 < self.am.nextents and exts[-1] + 1 not in self.lru:
             assert flag
             self.lru.append(exts[-1] + 1)
-            assert exts[-1] + 1 in self.disk, "the pre-marked extent must ride the same flush"
+            assert not flush_works or exts[-1] + 1 in self.disk, "the pre-marked extent must ride the same flush"
         assert len(self.lru) <= self.keepdirty + (1 if self.premark else 0)
 
     def lru_touch(self, ext):
@@ -813,13 +830,16 @@ class ActiveMapModel(RuleBasedStateMachine):
             self.mark(self.am.extents_of(offset, length))
             self.flush_if(self.am.need_sync(offset, length))
         self.inflight.remove((offset, length))
+        self.flush_if(self.complete(offset, length))
+
+    def complete(self, offset, length) -> bool:
         flag = self.am.write_complete(offset, length)
         if not flag:  # no flush asked: the image agrees with the disk on this write's extents
             image = self.written() | self.needsync | set(self.lru)
             for ext in self.am.extents_of(offset, length):
                 assert (ext in image) == (ext in self.disk), "write_complete hid a change"
         self.updates += flag
-        self.flush_if(flag)
+        return flag
 
     @rule(data=st.data())
     def need_sync(self, data):
