@@ -454,9 +454,9 @@ class Request:
         fixed = nv.layout_values()
         if fixed is not None:  # every field present with its type: read them at once
             layout, values = fixed
-            if layout in _REQUEST_LAYOUT_MEMSYNC and values[0] != Cmd.KEEPALIVE:
+            if layout in REQUEST_LAYOUTS and values[0] != Cmd.KEEPALIVE:  # each starts with _REQUEST_FIELDS
                 cmd, seq, offset, length = values[:4]
-                return cls(cmd, seq, offset, length, _REQUEST_LAYOUT_MEMSYNC[layout] and cmd == Cmd.WRITE)
+                return cls(cmd, seq, offset, length, cmd == Cmd.WRITE and "memsync" in layout.index)
         what = "request"
         cmd = _field(nv, "cmd", NvType.UINT8, what)
         if cmd == Cmd.KEEPALIVE:
@@ -521,9 +521,9 @@ class Reply:
     @classmethod
     def from_nv(cls, nv: NvList) -> Reply:
         fixed = nv.layout_values()
-        if fixed is not None and fixed[0] in _REPLY_LAYOUT_RECEIVED and fixed[1][0]:
+        if fixed is not None and fixed[0] in REPLY_LAYOUTS and fixed[1][0]:
             # No error field in these layouts; seq 0 takes the generic path and its refusal.
-            return cls(fixed[1][0], 0, _REPLY_LAYOUT_RECEIVED[fixed[0]])
+            return cls(fixed[1][0], 0, "received" in fixed[0].index)
         seq = _field(nv, "seq", NvType.UINT64, "reply")
         if seq == 0:
             raise RemoteProtocolError("reply: seq is 0")
@@ -554,10 +554,6 @@ REPLY_WITH_PAYLOAD_LAYOUT = NvLayout([("seq", NvType.UINT64)] + _SIZE_FIELD)
 # field).
 REQUEST_LAYOUTS = (REQUEST_WITH_PAYLOAD_LAYOUT, MEMSYNC_REQUEST_LAYOUT, REQUEST_LAYOUT)
 REPLY_LAYOUTS = (REPLY_LAYOUT, RECEIVED_REPLY_LAYOUT, REPLY_WITH_PAYLOAD_LAYOUT)
-# For the decoders' fast paths (Request.from_nv, Reply.from_nv): each layout, and whether it
-# carries the memsync or received flag. The request layouts start with _REQUEST_FIELDS in order.
-_REQUEST_LAYOUT_MEMSYNC = {REQUEST_WITH_PAYLOAD_LAYOUT: False, MEMSYNC_REQUEST_LAYOUT: True, REQUEST_LAYOUT: False}
-_REPLY_LAYOUT_RECEIVED = {REPLY_LAYOUT: False, RECEIVED_REPLY_LAYOUT: True, REPLY_WITH_PAYLOAD_LAYOUT: False}
 
 
 def encode_request_nv(req: Request, payload_size: int) -> bytes | None:
