@@ -391,38 +391,54 @@ class _ReceiveBuffer:
     once they dominate the buffer. Every received byte is therefore copied a bounded number of
     times, so parsing is O(n) however the stream is chunked (no quadratic slicing).
 
-    Hazard: a memoryview over `_data` must not outlive the statement that makes it, because while
+    `data` is empty exactly when nothing is buffered (consuming the last byte clears it), so the
+    owner tests `buffer.data` for "anything buffered" without a Python call per test.
+
+    Hazard: a memoryview over `data` must not outlive the statement that makes it, because while
     one exists the bytearray cannot be resized (appending or compacting raises BufferError).
     """
 
+    __slots__ = ("data", "_start")
+
     def __init__(self) -> None:
-        self._data = bytearray()
+        self.data = bytearray()  # read-only outside this class
         self._start = 0
 
     def __len__(self) -> int:
-        return len(self._data) - self._start
+        return len(self.data) - self._start
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
-        self._data += data
+        self.data += data
 
     def peek(self, n: int) -> bytes:
         """The next `n` bytes, not consumed; the caller has checked that they are buffered."""
-        return bytes(memoryview(self._data)[self._start : self._start + n])
+        return bytes(memoryview(self.data)[self._start : self._start + n])
 
     def take(self, n: int) -> bytes | None:
         """The next `n` bytes, consumed; None (nothing consumed) if fewer are buffered."""
-        if len(self) < n:
-            return None
         end = self._start + n
-        out = bytes(memoryview(self._data)[self._start : end])
+        if len(self.data) < end:
+            return None
+        out = bytes(memoryview(self.data)[self._start : end])
         self._advance(end)
         return out
+
+    def unpack(self, layout: struct.Struct) -> tuple | None:
+        """The next `layout.size` bytes unpacked, consumed; None (nothing consumed) if fewer are
+        buffered. No copy of the bytes is made."""
+        data = self.data
+        end = self._start + layout.size
+        if len(data) < end:
+            return None
+        fields = layout.unpack_from(data, self._start)
+        self._advance(end)
+        return fields
 
     def take_into(self, target: memoryview) -> int:
         """Move up to len(target) buffered bytes into `target`; return how many."""
         n = min(len(self), len(target))
         end = self._start + n
-        target[:n] = memoryview(self._data)[self._start : end]
+        target[:n] = memoryview(self.data)[self._start : end]
         self._advance(end)
         return n
 
@@ -433,13 +449,14 @@ class _ReceiveBuffer:
         return n
 
     def _advance(self, start: int) -> None:
-        self._start = start
-        if self._start == len(self._data):
-            self._data.clear()
+        if start == len(self.data):
+            self.data.clear()
             self._start = 0
-        elif self._start >= _COMPACT_THRESHOLD and self._start * 2 >= len(self._data):
-            del self._data[: self._start]
+        elif start >= _COMPACT_THRESHOLD and start * 2 >= len(self.data):
+            del self.data[:start]
             self._start = 0
+        else:
+            self._start = start
 
 
 # --- The connection ----------------------------------------------------------------------------
@@ -518,7 +535,7 @@ class ServerConnection:
             self._eof = True
             return
         data = memoryview(data).cast("B")
-        if not self._buffer:
+        if (self._pending is not None or self._discard) and not self._buffer.data:
             data = self._receive_direct(data)
         if data:
             self._buffer.append(data)
@@ -526,9 +543,9 @@ class ServerConnection:
     def payload_wanted(self) -> int:
         """Bytes of a WRITE payload still expected that are not buffered yet; 0 when no payload
         is being collected. Valid after next_event() returned NEED_DATA."""
-        if self._pending is None or self._buffer:
+        if self._pending is None or self._buffer.data:
             return 0
-        return self._pending_length - self._filled
+        return self._pending[3] - self._filled
 
     def receive_payload(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes of the WRITE payload being collected: at least 1 and at most payload_wanted().
@@ -565,33 +582,27 @@ class ServerConnection:
     def next_event(self) -> Event | type[NEED_DATA]:
         """The next event, or NEED_DATA. Raises RemoteProtocolError if the client broke the
         protocol; the connection is then dead and must be closed."""
-        if self.state is State.ERROR:
-            raise RemoteProtocolError("the connection already failed")
+        state = self.state
         try:
-            return self._next_event()
+            if state is State.TRANSMISSION:  # every request: not through the table (an Enum hashes in Python)
+                event = self._read_transmission()
+            elif state is State.DONE:
+                return ConnectionClosed()
+            elif state is State.ERROR:
+                raise RemoteProtocolError("the connection already failed")
+            else:
+                event = _READERS[state](self)
+            if event is NEED_DATA and self._eof:
+                return self._end_of_stream()
+            return event
         except RemoteProtocolError:
             self.state = State.ERROR
             raise
 
-    # -- dispatch --
-
-    def _next_event(self) -> Event | type[NEED_DATA]:
-        state = self.state
-        if state is State.TRANSMISSION:  # every request: not through the table (an Enum hashes in Python)
-            event = self._read_transmission()
-        elif state is State.DONE:
-            return ConnectionClosed()
-        else:
-            event = _READERS[state](self)
-        if event is NEED_DATA:
-            return self._need_data()
-        return event
-
-    def _need_data(self) -> Event | type[NEED_DATA]:
-        """NEED_DATA, unless the client has closed: then EOF is clean only between messages."""
-        if not self._eof:
-            return NEED_DATA
-        if self._buffer or self._pending is not None or self._discard:
+    def _end_of_stream(self) -> ConnectionClosed:
+        """The client has closed and nothing buffered makes an event: clean only between
+        messages."""
+        if self._buffer.data or self._pending is not None or self._discard:
             where = self.state.value
             raise RemoteProtocolError(f"connection closed in the middle of a message ({where})")
         self.state = State.DONE
@@ -601,7 +612,7 @@ class ServerConnection:
         """Feed an in-progress WRITE payload (or a refused one) straight from `data`, sparing the
         receive buffer a copy of the bulk of every large write. Returns what is left over."""
         if self._pending is not None:
-            n = min(self._pending_length - self._filled, len(data))
+            n = min(self._pending[3] - self._filled, len(data))
             memoryview(self._payload_buffer())[self._filled : self._filled + n] = data[:n]
             self._filled += n
             return data[n:]
@@ -609,25 +620,10 @@ class ServerConnection:
         self._discard -= n
         return data[n:]
 
-    def _drain_payload(self) -> bool:
-        """Move buffered bytes into the payload being collected or skipped; True when none is
-        outstanding any more."""
-        if self._pending is not None:
-            if self._buffer:
-                self._filled += self._buffer.take_into(memoryview(self._payload_buffer())[self._filled :])
-            return self._filled == self._pending_length
-        self._discard -= self._buffer.discard(self._discard)
-        return self._discard == 0
-
-    @property
-    def _pending_length(self) -> int:
-        """The length of the WRITE whose payload is being collected (call only while one is)."""
-        return self._pending[3]  # type: ignore[index]
-
     def _payload_buffer(self) -> bytearray:
         """The buffer a payload arriving in pieces is assembled in, allocated on first use."""
         if self._payload is None:
-            self._payload = bytearray(self._pending_length)
+            self._payload = bytearray(self._pending[3])  # type: ignore[index]
         return self._payload
 
     # -- handshake --
@@ -723,48 +719,49 @@ class ServerConnection:
 
     # -- transmission --
 
-    def _read_request(self) -> Event | type[NEED_DATA]:
-        raw = self._buffer.take(REQUEST_HEADER.size)
-        if raw is None:
+    def _read_transmission(self) -> Event | type[NEED_DATA]:
+        """Every request passes here, several times: one function, few calls (each is Python)."""
+        buffer = self._buffer
+        if self._pending is not None:  # a WRITE's payload is being collected
+            if buffer.data:
+                self._filled += buffer.take_into(memoryview(self._payload_buffer())[self._filled :])
+            if self._filled < self._pending[3]:
+                return NEED_DATA
+            return self._complete_write()
+        if self._discard:  # a refused WRITE's payload is being skipped
+            self._discard -= buffer.discard(self._discard)
+            if self._discard:
+                return NEED_DATA
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            return refusal
+        header = buffer.unpack(REQUEST_HEADER)
+        if header is None:
             return NEED_DATA
-        magic, flags, kind, handle, offset, length = REQUEST_HEADER.unpack(raw)
+        magic, flags, kind, handle, offset, length = header
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#x}")
-        error, reason = self._validate(kind, flags, offset, length)
-        if error:
-            refusal = RequestError(kind, flags, handle, offset, length, error, reason)
+        refused = self._refusal_for(kind, flags, offset, length)
+        if refused is not None:
+            refusal = RequestError(kind, flags, handle, offset, length, *refused)
             if kind != Command.WRITE or not length:
                 return refusal
             self._discard = length  # the payload follows anyway; skip it as it arrives
             self._refusal = refusal
             return self._read_transmission()
         if kind == Command.WRITE:
-            return self._read_write_payload(flags, handle, offset, length)
-        request = Request(_COMMANDS[kind], flags, handle, offset, length)
+            # The payload: taken at once if buffered (small writes read ahead), else collected.
+            data = buffer.take(length) if buffer.data else None
+            if data is not None:
+                return Request(Command.WRITE, flags, handle, offset, length, data)
+            self._pending = (flags, handle, offset, length)
+            self._payload = None
+            self._whole = None
+            self._filled = 0
+            return self._read_transmission() if buffer.data else NEED_DATA  # its start may be buffered
         if kind == Command.DISC:
             self.state = State.DONE
-        return request
-
-    def _read_write_payload(self, flags: int, handle: int, offset: int, length: int) -> Event | type[NEED_DATA]:
-        """A WRITE's payload: taken at once if buffered, else collected into its own buffer."""
-        data = self._buffer.take(length)
-        if data is not None:
-            return Request(Command.WRITE, flags, handle, offset, length, data)
-        self._pending = (flags, handle, offset, length)
-        self._payload = None
-        self._whole = None
-        self._filled = 0
-        return self._read_transmission()
-
-    def _read_transmission(self) -> Event | type[NEED_DATA]:
-        if not self._drain_payload():
-            return NEED_DATA
-        if self._pending is not None:
-            return self._complete_write()
-        if self._refusal is not None:
-            refusal, self._refusal = self._refusal, None
-            return refusal
-        return self._read_request()
+        return Request(_COMMANDS[kind], flags, handle, offset, length)
 
     def _complete_write(self) -> Event:
         pending, payload, whole = self._pending, self._payload, self._whole
@@ -775,8 +772,8 @@ class ServerConnection:
             whole = memoryview(payload).toreadonly()
         return Request(Command.WRITE, *pending, whole)
 
-    def _validate(self, kind: int, flags: int, offset: int, length: int) -> tuple[int, str]:
-        """(0, "") for a request we will run, else the NBD error to reply and why."""
+    def _refusal_for(self, kind: int, flags: int, offset: int, length: int) -> tuple[int, str] | None:
+        """None for a request we will run, else the NBD error to reply and why."""
         allowed = _ALLOWED_FLAGS.get(kind)
         if allowed is None:
             return NBD_EINVAL, f"unsupported command {kind}"
@@ -784,11 +781,8 @@ class ServerConnection:
             return NBD_EINVAL, f"flags {flags:#x} not valid for {Command(kind).name}"
         if kind in _WRITE_COMMANDS and self.read_only:
             return NBD_EPERM, "export is read-only"
-        if kind in _RANGED_COMMANDS:
-            return self._validate_range(kind, offset, length)
-        return 0, ""
-
-    def _validate_range(self, kind: int, offset: int, length: int) -> tuple[int, str]:
+        if kind not in _RANGED_COMMANDS:
+            return None
         if length == 0:
             return NBD_EINVAL, "zero-length request"
         if kind in _PAYLOAD_COMMANDS and length > self.max_block_size:
@@ -799,7 +793,7 @@ class ServerConnection:
             # The spec asks for ENOSPC when a write reaches past the end of the device.
             error = NBD_ENOSPC if kind in _WRITE_COMMANDS else NBD_EINVAL
             return error, f"range {offset}+{length} past the export size {self.size}"
-        return 0, ""
+        return None
 
 
 def _parse_info_request(data: bytes) -> tuple[bytes, frozenset[int]] | None:

@@ -47,6 +47,8 @@ from hastpy.nbd.codec import (
     DEFAULT_MIN_BLOCK_SIZE,
     NBD_EIO,
     NEED_DATA,
+    SIMPLE_REPLY_HEADER,
+    SIMPLE_REPLY_MAGIC,
     Aborted,
     Command,
     ConnectionClosed,
@@ -356,9 +358,10 @@ class InFlightWindow:
             self.bytes += nbytes
             return True
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, requests: int = 1) -> None:
+        """Free `requests` slots holding `nbytes` payload bytes between them."""
         with self._lock:
-            self.requests -= 1
+            self.requests -= requests
             self.bytes -= nbytes
             if self._waiters:
                 self._cond.notify_all()
@@ -388,12 +391,6 @@ def next_read_ahead(current: int, request: Request) -> int:
     return RECV_BUFFER_SIZE if request.length <= READ_AHEAD_MAX_PAYLOAD else 0
 
 
-def send_without_waiting(sock: socket.socket, views: list[memoryview]) -> int:
-    """Send as much of `views` as the socket takes now (MSG_DONTWAIT); returns the bytes sent
-    and leaves in `views` what is left, the first view cut where the socket filled."""
-    return _send_views(sock, views, socket.MSG_DONTWAIT)
-
-
 def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every buffer in order with sendmsg, without joining them into one big copy."""
     _send_views(sock, [memoryview(b).cast("B") for b in buffers if len(b)], 0)
@@ -401,7 +398,8 @@ def sendall_vectored(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
 
 def _send_views(sock: socket.socket, views: list[memoryview], flags: int) -> int:
     """sendmsg `views` in order, MAX_IOV at a time, consuming them; with MSG_DONTWAIT, stop
-    where the socket is full. Returns the bytes sent."""
+    where the socket is full, leaving in `views` what is left, the first view cut where the
+    socket filled. Returns the bytes sent."""
     total = 0
     while views:
         try:
@@ -494,7 +492,9 @@ class ExportConnection:
         self._send_cond = threading.Condition()
         self._broken = False  # a send failed: later replies are dropped
         self._backlog: list[memoryview] = []  # bytes that did not fit the socket, in order
-        self._backlog_costs: list[int] = []  # window slots freed once _backlog is sent
+        # The window slots freed once _backlog is sent: requests, and the bytes they hold.
+        self._backlog_requests = 0
+        self._backlog_held = 0
         self._sending = False  # the sender thread is sending a batch taken from _backlog
         self._sender: threading.Thread | None = None  # started when the socket first fills
         self._closing = False  # set by _finish(): the sender thread exits once idle
@@ -595,23 +595,20 @@ class ExportConnection:
         self._submit(admitted)
 
     def _submit(self, items: list[tuple[Request, _Completion]]) -> None:
-        if self._batch and len(items) > 1:
-            self._guarded(self._backend.submit_many, items)  # type: ignore[attr-defined]
-        else:
-            for item in items:
-                self._guarded(self._backend.submit, *item)
-
-    @staticmethod
-    def _guarded(submit: Callable[..., None], *args) -> None:
-        """Call the backend; a request it raised on (and did not complete) fails with EIO."""
-        try:
-            submit(*args)
-        except Exception:  # noqa: BLE001 - a backend bug must not kill the connection silently
-            items = args[0] if len(args) == 1 else [args]
-            log.exception("nbd: backend refused %s", ", ".join(r.kind.name for r, _ in items))
-            for _, done in items:
-                if not done.completed:
-                    done(NBD_EIO)
+        """Hand requests to the backend, all at once if it takes batches. A request the backend
+        raised on (and did not complete) fails with EIO."""
+        batches = (items,) if self._batch or len(items) == 1 else [[item] for item in items]
+        for batch in batches:
+            try:
+                if len(batch) > 1:
+                    self._backend.submit_many(batch)  # type: ignore[attr-defined]
+                else:
+                    self._backend.submit(*batch[0])
+            except Exception:  # noqa: BLE001 - a backend bug must not kill the connection silently
+                log.exception("nbd: backend refused %s", ", ".join(r.kind.name for r, _ in batch))
+                for _, done in batch:
+                    if not done.completed:
+                        done(NBD_EIO)
 
     def _finish(self) -> None:
         """NBD_CMD_DISC and a clean shutdown both require finishing what is in flight first."""
@@ -633,19 +630,25 @@ class ExportConnection:
         """Send from the receive thread (handshake replies, refusals) and return once the bytes
         are on the wire, so that a client that does not read holds up only its own connection.
         Raises OSError if the connection broke first."""
-        mark = self._transmit(buffers, ())
+        mark = self._transmit(buffers)
         with self._send_cond:
             self._send_cond.wait_for(lambda: self._sent >= mark or self._broken)
             if mark < 0 or self._sent < mark:
                 raise BrokenPipeError("nbd: connection lost while sending")
 
-    def _transmit(self, buffers: Sequence[Buffer], costs: Sequence[int]) -> int:
+    def _transmit(self, buffers: Sequence[Buffer], held: int = 0, requests: int = 0) -> int:
         """Queue `buffers` for the socket, as one contiguous run, without ever waiting for the
         client: what the socket takes now is sent now, the rest is left to the sender thread.
-        The window slots `costs` are freed once all of it is on the wire (or dropped with the
-        connection). Returns the stream position just after these bytes."""
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
-        nbytes = sum(len(v) for v in views)
+        The window slots of `requests` requests, holding `held` bytes, are freed once all of it
+        is on the wire (or dropped with the connection). Returns the stream position just after
+        these bytes."""
+        views = []
+        nbytes = 0
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            if view:
+                views.append(view)
+                nbytes += len(view)
         with self._send_cond:
             if self._broken:
                 mark = -1
@@ -654,25 +657,27 @@ class ExportConnection:
                 mark = self._queued
                 if not self._backlog and not self._sending:
                     try:
-                        sent = send_without_waiting(self._sock, views)
+                        sent = _send_views(self._sock, views, socket.MSG_DONTWAIT)
                     except OSError as exc:
                         self._break(exc, nbytes)
                     else:
                         self._sent += sent
                         if views:  # the socket is full: the rest goes to the sender thread
-                            self._queue_backlog(views, costs)
-                            costs = ()
+                            self._queue_backlog(views, held, requests)
+                            requests = 0
                 else:
-                    self._queue_backlog(views, costs)
-                    costs = ()
-        for cost in costs:  # sent, or dropped with a broken connection
-            self._window.release(cost)
+                    self._queue_backlog(views, held, requests)
+                    requests = 0
+        if requests:  # sent, or dropped with a broken connection
+            self._window.release(held, requests)
         return mark
 
-    def _queue_backlog(self, views: list[memoryview], costs: Sequence[int]) -> None:
-        """(Under _send_cond.) Leave `views` to the sender thread, which frees `costs`."""
+    def _queue_backlog(self, views: list[memoryview], held: int, requests: int) -> None:
+        """(Under _send_cond.) Leave `views` to the sender thread, which frees the window slots
+        of `requests` requests holding `held` bytes."""
         self._backlog += views
-        self._backlog_costs += costs
+        self._backlog_held += held
+        self._backlog_requests += requests
         if self._sender is None:
             self._sender = threading.Thread(target=self._sender_loop, name="nbd sender", daemon=True)
             self._sender.start()
@@ -693,8 +698,8 @@ class ExportConnection:
             self._send_cond.wait_for(lambda: self._backlog or self._closing)
             if not self._backlog:
                 return False
-            views, costs = self._backlog, self._backlog_costs
-            self._backlog, self._backlog_costs = [], []
+            views, held, requests = self._backlog, self._backlog_held, self._backlog_requests
+            self._backlog, self._backlog_held, self._backlog_requests = [], 0, 0
             self._sending = True
         nbytes = sum(len(v) for v in views)
         try:
@@ -709,10 +714,11 @@ class ExportConnection:
                 self._send_cond.notify_all()
             else:
                 self._break(failure, nbytes)
-                costs += self._backlog_costs  # dropped with the connection
-                self._backlog, self._backlog_costs = [], []
-        for cost in costs:
-            self._window.release(cost)
+                held += self._backlog_held  # dropped with the connection
+                requests += self._backlog_requests
+                self._backlog, self._backlog_held, self._backlog_requests = [], 0, 0
+        if requests:
+            self._window.release(held, requests)
         return True
 
     def _break(self, why: OSError | str, nbytes: int) -> None:
@@ -726,11 +732,14 @@ class ExportConnection:
     def _reply(self, request: Request, error: int, data: Buffer | None, cost: int) -> None:
         """Send a request's reply, or hold it for send_held_replies(); then (once sent) free
         its window slot."""
-        try:
-            buffers = self._reply_buffers(request, error, data)
-        except BaseException:
-            self._window.release(cost)
-            raise
+        if not error and request.kind != Command.READ:  # most replies: a bare success header
+            buffers: list[Buffer] = [SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, request.handle)]
+        else:
+            try:
+                buffers = self._reply_buffers(request, error, data)
+            except BaseException:
+                self._window.release(cost)
+                raise
         held = getattr(_held, "replies", None)
         if held is not None:
             held.setdefault(self, []).append((buffers, cost))
@@ -752,9 +761,9 @@ class ExportConnection:
     def _send_replies(self, items: list[tuple[list[Buffer], int]]) -> None:
         """Send replies (their buffers, and window cost) as one run; free their slots once sent."""
         if len(items) == 1:
-            self._transmit(items[0][0], (items[0][1],))
+            self._transmit(items[0][0], items[0][1], 1)
         else:
-            self._transmit([b for buffers, _ in items for b in buffers], [cost for _, cost in items])
+            self._transmit([b for buffers, _ in items for b in buffers], sum(cost for _, cost in items), len(items))
 
 
 def serve_connection(
