@@ -597,6 +597,8 @@ class ExportConnection:
     def _submit(self, items: list[tuple[Request, _Completion]]) -> None:
         """Hand requests to the backend, all at once if it takes batches. A request the backend
         raised on (and did not complete) fails with EIO."""
+        if not items:  # _dispatch found the window full before admitting anything
+            return
         batches = (items,) if self._batch or len(items) == 1 else [[item] for item in items]
         for batch in batches:
             try:

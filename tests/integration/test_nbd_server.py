@@ -4,6 +4,7 @@ import errno
 import gc
 import hashlib
 import json
+import logging
 import os
 import queue
 import random
@@ -533,6 +534,25 @@ def test_a_full_window_splits_a_batch_without_deadlock(sock_path):
             rec.complete(0)
         assert all(client.reply(h).error == 0 for h in handles)
         assert sum(len(c) for c in rec.calls) == 10
+
+
+def test_a_batch_that_finds_the_window_full_waits_quietly(sock_path, caplog):
+    """Requests that arrive while the window is already full wait for room; the backend is
+    handed nothing meanwhile (an empty batch), and nothing is logged."""
+    caplog.set_level(logging.WARNING)
+    rec = BatchRecorder()
+    rec.go.set()
+    with serve_unix(sock_path, lambda: rec, max_in_flight=2), connect(sock_path, "") as client:
+        handles = [client.submit(Command.FLUSH) for _ in range(2)]
+        rec.wait_for(2)  # the window is full
+        handles += [client.submit(Command.FLUSH) for _ in range(2)]
+        time.sleep(0.2)  # both received, the first of them waiting for room
+        for _ in range(4):
+            rec.wait_for(1)
+            rec.complete(0)
+        assert [client.reply(h).error for h in handles] == [0, 0, 0, 0]
+        assert all(rec.calls) and sum(len(c) for c in rec.calls) == 4
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_read_ahead_follows_the_last_write():
