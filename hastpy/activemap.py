@@ -97,6 +97,12 @@ def _or(a, b) -> bytes:
     return either.to_bytes(size, "little")
 
 
+def _and_not(a, b) -> bytes:
+    size = len(a)
+    only_a = int.from_bytes(a, "little") & ~int.from_bytes(b, "little")
+    return only_a.to_bytes(size, "little")
+
+
 class SyncChunk(NamedTuple):
     """One piece of the sync walk: copy [offset, offset+length) from the sync source to the target.
 
@@ -314,17 +320,38 @@ class ActiveMap:
 
     # --- flushing -------------------------------------------------------------------------------
 
-    def bitmap(self) -> bytes:
-        """The image to write at METADATA_SIZE: in-use extents and the keepdirty set; mapsize bytes.
+    def bitmap(self, clearable: bytes | None = None) -> bytes:
+        """The image to write at METADATA_SIZE: in-use extents, the keepdirty set and every bit
+        already on disk except those ``clearable`` names; mapsize bytes.
 
-        Call it under the flush lock, then write the image and report it with ``flushed``. Until
-        then none of its new bits count as on disk, and bits it clears count as gone already,
-        since a failed or torn write may have cleared them.
+        Bits are only added unless ``clearable`` (from ``clearable()``) says which may go: an
+        extent's bit may be cleared only once the writes that finished on it are durable on both
+        nodes (page-cached providers hold them in memory until a flush), which the caller makes
+        sure of between ``clearable()`` and this call. Call it under the flush lock, then write the
+        image and report it with ``flushed``. Until then none of its new bits count as on disk,
+        and bits it clears count as gone already, since a failed or torn write may have cleared
+        them.
         """
-        result = _or(self._memmap, self._lrumap)
+        result = self._image(clearable)
         self._diskmap = _and(self._diskmap, result)
         self._inflight = result
         return result
+
+    def clearable(self) -> bytes | None:
+        """The bits on disk that no in-flight write, sync mark or keepdirty extent needs now,
+        or None if there are none. Pass it to ``bitmap()`` once the writes that finished on those
+        extents are durable on both nodes; an extent written again meanwhile keeps its bit."""
+        spare = _and_not(self._diskmap, _or(self._memmap, self._lrumap))
+        return spare if _NONZERO.search(spare) else None
+
+    def need_sync_on_disk(self) -> bool:
+        """Mark for resync every extent whose bit is on disk: the writes that finished on it may
+        not be durable on the peer (the link went down before a flush covered them). Returns
+        flush-needed."""
+        exts = list(self._set_bits(bytes(self._diskmap)))
+        for ext in exts:
+            self._want_sync(ext)
+        return self._differs(exts)
 
     def flushed(self, image: bytes) -> None:
         """Report that ``image`` (from ``bitmap()``) is durably on disk (fsynced if metaflush)."""
@@ -347,9 +374,19 @@ class ActiveMap:
         """
         return all(_test(self._diskmap, ext) for ext in self.extents_of(offset, length))
 
-    def flush_needed(self) -> bool:
-        """True if the current image differs from what is known to be on disk. O(mapsize)."""
-        return _or(self._memmap, self._lrumap) != self._diskmap
+    def marked_for_sync(self, offset: int, length: int) -> bool:
+        """Whether any extent of the range is marked for resync: the peer's copy of it may be
+        older than ours."""
+        return any(_test(self._syncmap, ext) for ext in self.extents_of(offset, length))
+
+    def flush_needed(self, clearable: bytes | None = None) -> bool:
+        """True if ``bitmap(clearable)`` would differ from what is known to be on disk.
+        O(mapsize)."""
+        return self._image(clearable) != self._diskmap
+
+    def _image(self, clearable: bytes | None) -> bytes:
+        kept = self._diskmap if clearable is None else _and_not(self._diskmap, clearable)
+        return _or(_or(self._memmap, self._lrumap), kept)
 
     # --- the sync walk --------------------------------------------------------------------------
 

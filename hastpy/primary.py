@@ -63,10 +63,13 @@ SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds mem
 KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
 NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
 # How long the bitmap writes that only clear bits (writes that finished) wait to be coalesced.
-# hastd writes one at every such completion; with random writes over more extents than
-# keepdirty that is a synchronous disk write for nearly every write. A bit left set meanwhile
-# costs at most a resync of its extent after a crash (activemap.write_complete: not urgent).
-CLEAR_FLUSH_DELAY = 0.05
+# Each costs a data flush on both nodes first (clear_loop), where hastd writes one at every
+# such completion to an unbuffered disk; with random writes over more extents than keepdirty
+# that would be a flush for nearly every write. A bit left set meanwhile costs at most a
+# resync of its extent after a crash (activemap.write_complete: not urgent).
+CLEAR_FLUSH_DELAY = 1.0
+# How often a thread waiting for the secondary's answer checks whether the worker is stopping.
+STOP_POLL = 1.0
 # Writes of at most this many bytes, arriving on several NBD connections at once (multi-conn:
 # nbdfuse spreads the kernel's requests over 4), are started together by whichever receive thread
 # is already starting writes: one bitmap write and one send to the secondary for all of them.
@@ -309,6 +312,9 @@ class Primary:
         self._am_lock = threading.Lock()  # guards self.am (in-memory state only, never held over I/O)
         self._flush_lock = threading.Lock()  # serializes bitmap writes: bitmap() .. write .. flushed()
         self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
+        # Why the provider's data can no longer be made durable (a flush failed), or "": see
+        # _sync_data. Set once, never cleared while the worker runs.
+        self._sync_failed = ""
         self._ranges = RangeLocks()
         # _ranges_lock guards _ranges and _range_waiters. _ranges_cv, on the same lock, is waited
         # on and notified only when a range is contended: an uncontended user write takes the
@@ -348,7 +354,7 @@ class Primary:
             # Bits written with metaflush off may still be only in the page cache: durable
             # before the new promise holds (a write to an extent already marked adds no bitmap
             # write that would flush them).
-            localio.flush(self.fd)
+            self._sync_data()
         old = self.res
         reconnect = (res.remote, res.source) != (old.remote, old.source)
         self.res = res
@@ -427,23 +433,51 @@ class Primary:
     def _store_md(self, md: metadata.Metadata) -> None:
         # Under _md_lock.
         self.prov.write_metadata(md)
-        self.prov.sync()
+        try:
+            self.prov.sync()
+        except ProviderError as exc:
+            self._sync_lost(str(exc))
+            raise
         self.md = md
 
-    def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False) -> None:
+    def _sync_data(self) -> None:
+        """fdatasync the provider; OSError if it fails, and from then on every time.
+
+        Linux reports a write-back error (data the page cache acknowledged and the disk then
+        lost) to one sync call only, whichever comes first: the bitmap's, a clear's, a user's
+        FLUSH. A later sync that succeeded would call durable writes the disk lost, so once one
+        has failed they all fail, and the client sees it on every FLUSH."""
+        if self._sync_failed:
+            raise OSError(errno.EIO, self._sync_failed)
+        try:
+            localio.flush(self.fd)
+        except OSError as exc:
+            self._sync_lost(exc.strerror or str(exc))
+            raise
+
+    def _sync_lost(self, why: str) -> None:
+        if not self._sync_failed:
+            log.error("Flushing the local disk failed (%s): writes it acknowledged may be lost, and every "
+                      "later flush fails.", why)  # fmt: skip
+            self._sync_failed = f"an earlier flush of the local disk failed: {why}"
+
+    def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False,
+                     clearable: bytes | None = None) -> None:  # fmt: skip
         """Write the activemap image. With ranges (offset, length): only if some of their
         extents are not on disk yet (another writer's flush may have carried them).
 
         Hazard: a write's data must not reach the disk before its extent's bit does, or a crash
         leaves a modified extent that no one resyncs. Callers pass the writes' ranges and wait.
+        Hazard: a bit must not leave the disk before the data of the writes that finished on its
+        extent is durable on both nodes (clear_loop); only `clearable` bits are cleared.
         """
         with self._flush_lock:
             with self._am_lock:
                 if ranges is not None and all(self.am.on_disk(off, ln) for off, ln in ranges):
                     return
-                if ranges is None and not self.am.flush_needed():
+                if ranges is None and not self.am.flush_needed(clearable):
                     return
-                image = self.am.bitmap()
+                image = self.am.bitmap(clearable)
             self._write_bitmap(image)
             with self._am_lock:
                 self.am.flushed(image)
@@ -461,6 +495,8 @@ class Primary:
         if not self.res.metaflush:
             self._pwrite_bitmap(image)
             return
+        if self._sync_failed:
+            raise OSError(errno.EIO, self._sync_failed)
         if self._dsync_writes:
             view = memoryview(image)
             offset = metadata.BITMAP_OFFSET
@@ -471,11 +507,12 @@ class Primary:
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._sync_lost(exc.strerror or str(exc))  # its sync may have taken a data write's error
                     raise
                 log.debug("RWF_DSYNC writes not supported here (%s): using fdatasync.", exc.strerror)
                 self._dsync_writes = False
         self._pwrite_bitmap(image)
-        localio.flush(self.fd)
+        self._sync_data()
 
     def _pwrite_bitmap(self, image: bytes) -> None:
         # metadata raises ProviderError; every caller here handles (and counts) an OSError.
@@ -587,6 +624,7 @@ class Primary:
             return True
         try:
             self.flush_bitmap([(h.offset, h.length) for h in hios], user=True)
+            self._clear_wanted.set()  # an extent this evicted keeps its bit: clear_loop's
             return True
         except OSError as exc:
             log.error("Unable to write the activemap: %s.", exc.strerror)
@@ -604,9 +642,12 @@ class Primary:
 
         A plain write goes to the local disk from this thread, after its remote half is on its
         way, so the two overlap: a page-cache write takes less than a thread hand-off. A trim
-        (BLKZEROOUT can take long) and an FUA write (an fdatasync) go to the pool."""
+        (BLKZEROOUT can take long) and an FUA write (an fdatasync) go to the pool, also only
+        once their remote halves are sent: in async mode the local half alone acknowledges a
+        write, and a FLUSH the client sends after that must reach the secondary behind it."""
         link = self.link
         remote: list[tuple] = []
+        pooled: list[Hio] = []
         for hio in hios:
             with self._stats_lock:
                 self.stats["writes" if hio.kind == "write" else "deletes"] += 1
@@ -616,7 +657,7 @@ class Primary:
             hio.remote_total = len(chunks) if link else 1
             hio.parts = 1 + hio.remote_total
             if hio.kind != "write" or hio.fua:
-                self._in_pool(self._local_write, hio)
+                pooled.append(hio)
             if not link:
                 self._remote_part_done(hio, errno.ENOTCONN)
                 continue
@@ -630,6 +671,8 @@ class Primary:
                 remote.append((cmd, off, ln, payload, memsync, self._remote_callback(hio)))
         if remote:
             link.submit_many(remote)
+        for hio in pooled:
+            self._in_pool(self._local_write, hio)
         for hio in hios:
             if hio.kind == "write" and not hio.fua:
                 self._local_write(hio)
@@ -660,7 +703,7 @@ class Primary:
             else:
                 localio.discard(self.fd, self.localoff + hio.offset, hio.length)
             if hio.fua:
-                localio.flush(self.fd)
+                self._sync_data()
         except OSError as exc:
             err = exc.errno or errno.EIO
             self.count("write_errors" if hio.kind == "write" else "delete_errors")
@@ -728,13 +771,15 @@ class Primary:
             return
         if not hio.remote_ok or self.link is None:
             try:
-                self._bump_localcnt_if_first()
+                recorded = self._bump_localcnt_if_first()
             except HastError as exc:
                 # Acknowledged, the write would be on this disk alone with nothing on it to tell
                 # the next handshake so: a failover would then lose it without a split-brain.
                 log.error("Unable to record a write the peer lacks, failing it: %s", exc)
                 if not hio.local_err:
                     self.count("write_errors" if hio.kind == "write" else "delete_errors")
+                recorded = False
+            if not recorded:
                 hio.done(hio.local_err or errno.EIO, None)
                 return
         hio.done(hio.local_err or err or 0, None)
@@ -758,16 +803,22 @@ class Primary:
         if flush:
             self._clear_wanted.set()  # clear_loop writes it, together with others
 
-    def _bump_localcnt_if_first(self) -> None:
+    def _bump_localcnt_if_first(self) -> bool:
         """hast.md §7.2: the first write acknowledged without the peer bumps localcnt, durably,
         before the ack, so the next handshake knows this node has data the peer lacks.
-        ProviderError if the disk refuses; localcnt stays, so the next such write tries again."""
+        ProviderError if the disk refuses; localcnt stays, so the next such write tries again.
+        False, and nothing changed, if a handshake made this node the stale side since the
+        caller looked (_reply_write): such a write must fail. The handshake decides under the
+        same lock, from the localcnt it sent (handshake)."""
         with self._md_lock:
+            if self.syncsrc == syncdecide.SYNCSRC_SECONDARY:
+                return False
             new = syncdecide.localcnt_after_write(self.md.localcnt, self.peer.remotecnt)
             if new == self.md.localcnt:
-                return
+                return True
             self._store_md(replace(self.md, localcnt=new))
         log.info("Increasing localcnt to %d.", new)
+        return True
 
     def _read(self, offset: int, length: int, done) -> None:
         self.count("reads")
@@ -785,11 +836,16 @@ class Primary:
                 data = localio.pread_full(self.fd, length, self.localoff + offset)
             except OSError as exc:
                 self.count("read_errors")
-                log.error("Local read at %d failed: %s; trying the remote.", offset, exc.strerror)
-                if self.link is None:
+                link = self.link
+                with self._am_lock:
+                    # The peer's copy of an extent marked for resync may lack acknowledged writes.
+                    stale = self.am.marked_for_sync(offset, length)
+                if link is None or stale:
+                    log.error("Local read at %d failed: %s.", offset, exc.strerror)
                     done(exc.errno or errno.EIO, None)
                 else:
-                    self._remote_read(self.link, offset, length, done)
+                    log.error("Local read at %d failed: %s; trying the remote.", offset, exc.strerror)
+                    self._remote_read(link, offset, length, done)
                 return
             done(0, data)
 
@@ -839,17 +895,29 @@ class Primary:
 
         def local():
             try:
-                localio.flush(self.fd)
+                self._sync_data()
                 part(0)
             except OSError as exc:
                 self.count("flush_errors")
                 part(exc.errno or errno.EIO)
 
+        def remote(err, _received, _data):
+            self._remote_flush_done(link, err)
+            part(0)
+
         self._in_pool(local)
         if link:
-            # A remote that fails here is disconnected: its unconfirmed writes are already marked
-            # for resync, so the flush only has to be durable locally.
-            link.submit(msg.Cmd.FLUSH, 0, 0, None, False, lambda e, r, d: part(0 if e == errno.ENOTCONN else e))
+            # A remote that fails here is disconnected (_remote_flush_done): its extents are
+            # marked for resync, so the flush only has to be durable locally.
+            link.submit(msg.Cmd.FLUSH, 0, 0, None, False, remote)
+
+    @staticmethod
+    def _remote_flush_done(link: Link, err: int) -> None:
+        """A FLUSH the secondary answered with an error: its disk lost writes it acknowledged,
+        or may have (and its next flush may succeed all the same, see _sync_data). End the
+        link: on_disconnect marks every extent on disk for resync."""
+        if err and err != errno.ENOTCONN:
+            link.close(f"flush failed on the secondary: {os.strerror(err)}")
 
     # -- connection management ------------------------------------------------------------------
 
@@ -857,6 +925,13 @@ class Primary:
         with self._link_lock:
             if self.link is link:
                 self.link = None
+        with self._am_lock:
+            # The secondary answered writes once they were in its page cache; those since its
+            # last flush (clear_loop's, or a user's) die with it if it crashed. Their extents
+            # still have their bits on disk (clear_loop clears none before such a flush), and
+            # nothing but a resync of them all is sure to bring it the writes it lost.
+            self.am.need_sync_on_disk()
+            self._sync_wanted.set()
         self.channel.event("disconnect")
 
     def handshake(self, timeout: float, res: Resource, connect_timeout: float | None = None) -> Link:
@@ -876,8 +951,9 @@ class Primary:
             inn = connect(res.remote, res.source, timeout, connect_timeout)
             # hastpy's fields go to hastpy peers only (v4), as everything else of ours.
             ours = {"replicaid": self.md.replicaid, "peerid": self.md.peerid, "inconsistent": self.md.inconsistent}
+            sent_localcnt = self.md.localcnt
             inhello = msg.InHello(resource=res.name, token=reply.token, virgin=virgin, resuid=resuid,
-                                  localcnt=self.md.localcnt, remotecnt=self.md.remotecnt,
+                                  localcnt=sent_localcnt, remotecnt=self.md.remotecnt,
                                   **(ours if version >= msg.PROTO_VERSION_SYNCDONE else {}))  # fmt: skip
             send_frame(inn, version, inhello.to_nv())
             frame = recv_one(out, version)
@@ -908,8 +984,14 @@ class Primary:
                 log.info("Replicating with copy %016x from now on (was %s).", info.replicaid,
                          f"copy {self.md.peerid:016x}" if self.md.peerid else "none known")  # fmt: skip
                 self.write_md(peerid=info.replicaid)
-            self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
-            self.syncsrc = info.syncsrc
+            with self._md_lock:
+                if self.md.localcnt != sent_localcnt:
+                    # A write without the peer, acknowledged meanwhile, bumped it: the secondary
+                    # decided without knowing, and a sync from it could overwrite that write, or
+                    # hide a split-brain. Ask again with the new count.
+                    raise RemoteError("A write without the peer changed localcnt during the handshake.")
+                self.peer = syncdecide.Counters(resuid, info.localcnt, info.remotecnt)
+                self.syncsrc = info.syncsrc
             if info.syncsrc == syncdecide.SYNCSRC_SECONDARY and not self.md.inconsistent:
                 # Our data is the older copy until the sync from the secondary completes: if this
                 # worker dies before then, a restart without the peer must not serve it.
@@ -1029,10 +1111,7 @@ class Primary:
                 synced += chunk.length
                 self.count("synced_bytes", chunk.length)
             if flush:
-                try:
-                    self.flush_bitmap()
-                except OSError as exc:  # the bits stay set in memory; the next flush retries
-                    log.error("Unable to write the activemap: %s.", exc.strerror)
+                self._clear_wanted.set()  # once the copies are durable on both nodes
         self._sync_complete(link, synced, time.monotonic() - started)
 
     def _copy_chunk(self, link: Link, offset: int, length: int, from_secondary: bool) -> bool:
@@ -1051,7 +1130,11 @@ class Primary:
                 ev.wait()
                 if result["err"]:
                     return False
-                localio.pwrite_full(self.fd, result["data"], self.localoff + offset)
+                data = result["data"]
+                if data is None or len(data) != length:
+                    link.close(f"a read of {length} bytes at {offset} answered with {len(data or b'')}")
+                    return False
+                localio.pwrite_full(self.fd, data, self.localoff + offset)
             else:
                 data = localio.pread_full(self.fd, length, self.localoff + offset)
                 link.submit(msg.Cmd.WRITE, offset, length, data, False, cb)
@@ -1083,11 +1166,11 @@ class Primary:
         after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
         try:
             if was_stale:
-                self.prov.sync()  # the synced data durable before the mark goes
+                self._sync_data()  # the synced data durable before the mark goes
             if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
                 self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt,
                               inconsistent=self.md.inconsistent and not was_stale)  # fmt: skip
-        except HastError as exc:
+        except (HastError, OSError) as exc:
             # The counters (and our mark) stay as they were: the next handshake decides from
             # them again and syncs what is still marked. No syncdone: the secondary keeps its
             # mark too until a sync is recorded on both sides.
@@ -1101,15 +1184,47 @@ class Primary:
 
     def clear_loop(self) -> None:
         """Write the bitmap when finished writes left bits to clear: at most once per
-        CLEAR_FLUSH_DELAY, off the reply path. A write-ahead flush meanwhile carries them too."""
+        CLEAR_FLUSH_DELAY, off the reply path, and only once the data of those writes is durable
+        on both nodes. Both providers may be page-cached, so a write that finished is not yet on
+        either disk: a bit cleared before a flush could outlive the data across a power loss,
+        leaving an extent that differs between the nodes with nothing marking it."""
         while not self._stop.is_set():
             self._clear_wanted.wait()
             self._stop.wait(CLEAR_FLUSH_DELAY)
             self._clear_wanted.clear()
+            with self._am_lock:
+                clearable = self.am.clearable()
+            if clearable is None or not self._finished_writes_durable():
+                continue
             try:
-                self.flush_bitmap(user=True)
+                self.flush_bitmap(user=True, clearable=clearable)
             except OSError as exc:
                 log.error("Unable to write the activemap: %s.", exc.strerror)
+
+    def _finished_writes_durable(self) -> bool:
+        """Flush both disks: every write that finished before this call is durable on both
+        nodes when it returns True. False (and the bits stay) without a link, or if a flush
+        failed; a failed remote flush also ends the link, whose extents are then resynced."""
+        link = self.link
+        if link is None:
+            return False  # nothing to clear: on_disconnect marked every extent on disk for resync
+        done = threading.Event()
+        result = {}
+
+        def remote(error, _received, _data):
+            result["error"] = error
+            done.set()
+
+        link.submit(msg.Cmd.FLUSH, 0, 0, None, False, remote)
+        try:
+            self._sync_data()
+        except OSError:
+            return False  # the bits stay; _sync_data said why
+        while not done.wait(STOP_POLL):
+            if self._stop.is_set():
+                return False
+        self._remote_flush_done(link, result["error"])
+        return not result["error"]
 
     def start_threads(self) -> None:
         threading.Thread(target=fail_stop(self.guard), name="guard", daemon=True).start()

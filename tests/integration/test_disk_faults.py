@@ -45,6 +45,7 @@ pytestmark = pytest.mark.integration
 
 REQUIRED_TOOLS = ("nbdkit", "nbdfuse", "fusermount3")
 UNAVAILABLE = block_device_unavailable(REQUIRED_TOOLS)
+UNAVAILABLE_LOOP = block_device_unavailable((*REQUIRED_TOOLS, "losetup"))
 # nbdkit and nbdfuse start in well under a second; these only bound a hang.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -80,6 +81,55 @@ def failing_disk(disk: Path, trigger: Path):
         kit.terminate()
         kit.wait(STOP_TIMEOUT)
         real.rename(disk)
+
+
+@contextlib.contextmanager
+def page_cached_block_device(disk: Path):
+    """Point `disk` (the symlink failing_disk made) at a loop device over its target, without
+    direct I/O: writes then land in the block device's page cache, and one the file below
+    refuses is lost at write-back and reported by the next sync only, as on a real disk."""
+    target = disk.resolve()
+    dev = subprocess.run(["losetup", "--find", "--show", str(target)], check=True, capture_output=True, text=True,
+                         timeout=START_TIMEOUT).stdout.strip()  # fmt: skip
+    disk.unlink()
+    disk.symlink_to(dev)
+    try:
+        yield
+    finally:
+        disk.unlink(missing_ok=True)
+        disk.symlink_to(target)
+        subprocess.run(["losetup", "-d", dev], check=False, timeout=STOP_TIMEOUT)
+
+
+@pytest.mark.skipif(UNAVAILABLE_LOOP is not None, reason=UNAVAILABLE_LOOP or "")
+def test_once_a_flush_failed_every_later_flush_fails(make_pair):
+    """Linux reports a write the disk lost at write-back to one sync call only: a later sync
+    succeeds as if nothing had been lost. So once a flush of the primary's disk failed, every
+    later one fails too, and the client keeps hearing that its data is not durable (before:
+    the second FLUSH succeeded)."""
+    pair: Pair = make_pair(size=16 * MiB)
+    a = pair.a
+    trigger = a.dir / "disk-fails"
+    with failing_disk(a.disk_of(), trigger), page_cached_block_device(a.disk_of()):
+        try:
+            pair.start()
+            c = NBDClient.connect_unix(a.nbd_socket, timeout=REPLY_TIMEOUT)
+            c.pwrite(0, os.urandom(64 * 1024))  # its extent's bit goes to disk now
+            c.flush()
+            trigger.touch()
+            c.pwrite(64 * 1024, os.urandom(64 * 1024))  # acknowledged from the page cache
+            for _ in range(2):  # the loss, and the flush after the disk is back
+                with pytest.raises(OSError) as failed:
+                    c.flush()
+                assert failed.value.errno == errno.EIO
+                trigger.unlink(missing_ok=True)
+            c.disconnect()
+            assert a.status()["statistics"]["flush_errors"] >= 2
+            log = a.log.read_text()
+            assert "writes it acknowledged may be lost, and every later flush fails" in log
+            assert "Traceback" not in log
+        finally:
+            pair.stop()  # before the loop device and FUSE mount go: hastd holds the provider open
 
 
 @pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")

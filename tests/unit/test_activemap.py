@@ -29,6 +29,15 @@ def image_of(am: ActiveMap, exts) -> bytes:
 
 
 def flush(am: ActiveMap) -> bytes:
+    """A flush that may clear what is clearable: the primary's clear loop, once the finished
+    writes are durable on both nodes."""
+    image = am.bitmap(am.clearable())
+    am.flushed(image)
+    return image
+
+
+def flush_ahead(am: ActiveMap) -> bytes:
+    """A flush that only adds bits: the primary's write-ahead flush."""
     image = am.bitmap()
     am.flushed(image)
     return image
@@ -184,6 +193,55 @@ def test_write_spanning_extents_flags_once_and_counts_once():
     assert bits(flush(am)) == {0, 1}
 
 
+def test_write_ahead_flushes_never_clear_a_bit():
+    """Only the clear loop clears, once the writes that finished are durable on both nodes: an
+    image for a write-ahead flush keeps every bit on disk, and clearable() says what may go."""
+    am = make(nextents=10, keepdirty=2)
+    for ext in (0, 1):
+        am.write_start(ext_off(ext), 1)
+        flush_ahead(am)
+        am.write_complete(ext_off(ext), 1)
+    assert am.clearable() is None
+    assert am.write_start(ext_off(2), 1) is True  # needs 2, evicts 0
+    assert bits(flush_ahead(am)) == {0, 1, 2}
+    assert not am.flush_needed()
+    assert bits(am.clearable()) == {0}
+    assert am.flush_needed(am.clearable())
+    clearable = am.clearable()
+    am.write_start(ext_off(0), 1)  # written again before the clear: keeps its bit
+    assert bits(am.bitmap(clearable)) == {0, 1, 2}
+
+
+def test_a_clear_covers_only_what_was_clearable_when_asked():
+    am = make(nextents=10, keepdirty=1)
+    am.write_start(0, 1)
+    flush_ahead(am)
+    am.write_complete(0, 1)
+    am.write_start(ext_off(1), 1)  # evicts 0
+    flush_ahead(am)
+    am.write_complete(ext_off(1), 1)
+    clearable = am.clearable()
+    assert bits(clearable) == {0}
+    am.write_start(ext_off(2), 1)  # evicts 1 after the durability barrier began: not cleared
+    image = am.bitmap(clearable)
+    am.flushed(image)
+    assert bits(image) == {1, 2}
+
+
+def test_need_sync_on_disk_marks_every_extent_whose_bit_is_on_disk():
+    am = make(nextents=10, keepdirty=2)
+    for ext in (0, 1, 2):  # 0 is evicted, its bit still on disk
+        am.write_start(ext_off(ext), 1)
+        flush_ahead(am)
+        am.write_complete(ext_off(ext), 1)
+    assert am.sync_pending_extents == 0
+    assert am.need_sync_on_disk() is False  # every bit it needs is on disk already
+    assert am.sync_pending_extents == 3
+    assert am.marked_for_sync(0, 1) and am.marked_for_sync(ext_off(2), 1)
+    assert not am.marked_for_sync(ext_off(3), EXT)
+    assert am.clearable() is None  # marked extents keep their bits until synced
+
+
 def test_keepdirty_lru_eviction():
     am = make(nextents=10, keepdirty=2)
     for ext in (0, 1):
@@ -288,7 +346,7 @@ def test_bits_an_in_flight_image_clears_count_as_gone():
     am.write_start(0, 1)
     flush(am)
     assert am.write_complete(0, 1) is True
-    am.bitmap()  # the clearing image is computed ...
+    am.bitmap(am.clearable())  # the clearing image is computed ...
     # ... and before it is reported flushed a new write to extent 0 arrives: the disk may already
     # have lost the bit, so a flush is needed.
     assert am.write_start(0, 1) is True
@@ -427,7 +485,8 @@ def test_copyin_ignores_padding_bits():
     ondisk[100] = 0xFF
     am.copyin(bytes(ondisk))
     assert am.ndirty == 1
-    assert am.flush_needed()  # the next flush clears the junk
+    assert not am.flush_needed()  # a write-ahead flush keeps what the disk has ...
+    assert am.flush_needed(am.clearable())  # ... and a clearing one drops the junk
     assert flush(am) == image_of(am, {9})
 
 
@@ -692,7 +751,7 @@ def test_premark_never_turns_an_eviction_flush_into_one_that_changes_nothing():
     ondisk = set()
     for offset, length in ((0, 1), (ext_off(1), EXT + 1), (0, 1), (ext_off(1), EXT + 1)):
         if am.write_start(offset, length):
-            image = am.bitmap()
+            image = am.bitmap(am.clearable())
             assert bits(image) != ondisk, "flush requested but the image did not change"
             am.flushed(image)
             ondisk = bits(image)
@@ -739,18 +798,34 @@ class ActiveMapModel(RuleBasedStateMachine):
         self.updates = 0
         self.chunk = None  # the last chunk handed out, until resolved
         self.skipped = set()  # extents given up on in this pass
+        self.clear_owed = False  # a write-ahead flush left bits to clear
 
     # helpers
 
     def written(self) -> set[int]:
         return {ext for off, length in self.inflight for ext in self.am.extents_of(off, length)}
 
-    def flush_if(self, needed: bool) -> None:
+    def flush_if(self, needed: bool, clear: bool = True) -> None:
+        """Flush if asked: clearing what clearable() offers (the primary's clear loop, once the
+        finished writes are durable on both nodes), or only adding bits (its write-ahead flush)."""
         if needed:
-            image = self.am.bitmap()
-            assert bits(image) != self.disk, "flush requested but the image did not change"
+            wanted = self.written() | self.needsync | set(self.lru)
+            clearable = self.am.clearable() if clear else None
+            assert (bits(clearable) if clearable else set()) == (self.disk - wanted if clear else set())
+            image = self.am.bitmap(clearable)
+            if clear:
+                assert bits(image) != self.disk, "flush requested but the image did not change"
+                assert bits(image) == wanted
+            else:
+                assert bits(image) == wanted | self.disk, "a write-ahead flush cleared a bit"
             self.am.flushed(image)
             self.disk = bits(image)
+
+    @rule()
+    def clear_loop(self):
+        """The primary's clear loop, woken after a write-ahead flush: clears what it may."""
+        self.flush_if(self.clear_owed and self.am.flush_needed(self.am.clearable()))
+        self.clear_owed = False
 
     def draw_range(self, data):
         size = self.am.mediasize
@@ -774,11 +849,11 @@ class ActiveMapModel(RuleBasedStateMachine):
 
     # rules
 
-    @rule(data=st.data())
-    def start_write(self, data):
+    @rule(data=st.data(), clear=st.booleans())
+    def start_write(self, data, clear):
         offset, length = self.draw_range(data)
-        self.start(offset, length, flush_works=True)
         self.inflight.append((offset, length))
+        self.start(offset, length, flush_works=True, clear=clear)
 
     @rule(data=st.data())
     def write_whose_flush_fails(self, data):
@@ -787,9 +862,9 @@ class ActiveMapModel(RuleBasedStateMachine):
         offset, length = self.draw_range(data)
         self.start(offset, length, flush_works=False)
         self.complete(offset, length)
-        self.flush_if(self.am.flush_needed())
+        self.flush_if(self.am.flush_needed(self.am.clearable()))
 
-    def start(self, offset, length, flush_works: bool) -> None:
+    def start(self, offset, length, flush_works: bool, clear: bool = False) -> None:
         exts = self.am.extents_of(offset, length)
         sequential = self.premark and exts[0] - 1 in self.lru
         sets_bits = not set(exts) <= self.disk
@@ -797,20 +872,26 @@ class ActiveMapModel(RuleBasedStateMachine):
         if not flag:
             assert set(exts) <= self.disk, "write-ahead violated: bit not on disk"
         self.updates += flag
-        if flush_works:
-            self.flush_if(flag)
-        elif flag:
-            # Written and failed: flushed() never comes, and a torn write may have cleared
-            # whatever the image clears.
-            self.disk &= bits(self.am.bitmap())
         for ext in exts:
             self.lru_touch(ext)
         # The pre-marked next extent joins the list as an extra (no eviction), in the same
         # flush, and only with a flush that sets a bit of this write (write-ahead).
+        premarked = None
         if sets_bits and sequential and exts[-1] + 1 < self.am.nextents and exts[-1] + 1 not in self.lru:
             assert flag
-            self.lru.append(exts[-1] + 1)
-            assert not flush_works or exts[-1] + 1 in self.disk, "the pre-marked extent must ride the same flush"
+            premarked = exts[-1] + 1
+            self.lru.append(premarked)
+        if flush_works:
+            # The primary's write-ahead flush writes only if this write's bits are not on disk;
+            # asked for one, the primary also wakes its clear loop (an eviction's bit is left
+            # for it).
+            self.flush_if(flag and (clear or sets_bits), clear)
+            self.clear_owed |= flag and not clear
+        elif flag:
+            # Written and failed: flushed() never comes, and a torn write may have cleared
+            # whatever the image clears (a write-ahead image clears nothing).
+            self.disk &= bits(self.am.bitmap())
+        assert premarked is None or not flush_works or premarked in self.disk, "the pre-marked extent must ride the same flush"
         assert len(self.lru) <= self.keepdirty + (1 if self.premark else 0)
 
     def lru_touch(self, ext):
@@ -905,10 +986,16 @@ class ActiveMapModel(RuleBasedStateMachine):
 
     @rule()
     def check_image(self):
-        image = self.am.bitmap()
+        image = self.am.bitmap(self.am.clearable())
         assert bits(image) == self.written() | self.needsync | set(self.lru)
         self.am.flushed(image)
         self.disk = bits(image)
+
+    @rule()
+    def link_lost(self):
+        """The link went down: every extent on disk may hold writes the peer never made durable."""
+        self.mark(self.disk)
+        self.flush_if(self.am.need_sync_on_disk())
 
     def check_chunk(self, chunk):
         start, length = self.am.extent_range(chunk.extent)
@@ -941,6 +1028,7 @@ class ActiveMapModel(RuleBasedStateMachine):
     @invariant()
     def every_change_was_reported(self):
         assert not self.am.flush_needed()
+        assert self.clear_owed or not self.am.flush_needed(self.am.clearable())
 
     @invariant()
     def counts_match(self):
