@@ -48,6 +48,7 @@ Differences from activemap.c, all deliberate:
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import NamedTuple
 
 # Sequential pre-marking needs the written extent and the pre-marked one on the keepdirty list
@@ -101,6 +102,14 @@ def _and_not(a, b) -> bytes:
     size = len(a)
     only_a = int.from_bytes(a, "little") & ~int.from_bytes(b, "little")
     return only_a.to_bytes(size, "little")
+
+
+class ClearSnapshot(NamedTuple):
+    """The bits that could be cleared when a flush of both nodes began (``clear_snapshot``).
+    Once that flush succeeded, ``bitmap`` may clear them, except on extents written since."""
+
+    epoch: int
+    bits: bytes
 
 
 class SyncChunk(NamedTuple):
@@ -171,6 +180,13 @@ class ActiveMap:
         # (at worst one extra flush); claiming more is not.
         self._diskmap = bytearray(self.mapsize)
         self._inflight: bytes | None = None
+        # Clear snapshots taken so far, and for each extent the number taken before it last
+        # joined the keepdirty list or was written off it: a snapshot's bit survives on an
+        # extent written since (that write is not covered by the snapshot's flush). No snapshot
+        # holds an extent on the list, and one joins it only by a recorded write or pre-mark, so
+        # writes on the list (the inline path) need no record.
+        self._epoch = 0
+        self._written_at: dict[int, int] = {}
         self.stat_updates = 0
 
     # --- geometry -------------------------------------------------------------------------------
@@ -240,6 +256,8 @@ class ActiveMap:
                 self._lru.move_to_end(ext)
                 return False
         touched = list(exts)
+        for ext in exts:
+            self._written_at[ext] = self._epoch
         sequential = self.premark and bool(exts) and exts[0] - 1 in self._lru
         # Pre-marking rides only a write-ahead flush (a bit of this write not yet on disk), never
         # one that only clears evicted bits: it could re-add the extent just evicted and leave
@@ -320,29 +338,32 @@ class ActiveMap:
 
     # --- flushing -------------------------------------------------------------------------------
 
-    def bitmap(self, clearable: bytes | None = None) -> bytes:
+    def bitmap(self, clears: Sequence[ClearSnapshot] = ()) -> bytes:
         """The image to write at METADATA_SIZE: in-use extents, the keepdirty set and every bit
-        already on disk except those ``clearable`` names; mapsize bytes.
+        already on disk, except those ``clears`` let go; mapsize bytes.
 
-        Bits are only added unless ``clearable`` (from ``clearable()``) says which may go: an
-        extent's bit may be cleared only once the writes that finished on it are durable on both
-        nodes (page-cached providers hold them in memory until a flush), which the caller makes
-        sure of between ``clearable()`` and this call. Call it under the flush lock, then write the
-        image and report it with ``flushed``. Until then none of its new bits count as on disk,
-        and bits it clears count as gone already, since a failed or torn write may have cleared
-        them.
+        An extent's bit may be cleared only once the writes that finished on it are durable on
+        both nodes (page-cached providers hold them in memory until a flush): take a
+        ``clear_snapshot()`` before a flush of both nodes, and pass it here once that flush
+        succeeded. Without one, bits are only added (a write-ahead flush). Call it under the
+        flush lock, then write the image and report it with ``flushed``. Until then none of its
+        new bits count as on disk, and bits it clears count as gone already, since a failed or
+        torn write may have cleared them.
         """
-        result = self._image(clearable)
+        result = self._image(clears)
         self._diskmap = _and(self._diskmap, result)
         self._inflight = result
         return result
 
-    def clearable(self) -> bytes | None:
-        """The bits on disk that no in-flight write, sync mark or keepdirty extent needs now,
-        or None if there are none. Pass it to ``bitmap()`` once the writes that finished on those
-        extents are durable on both nodes; an extent written again meanwhile keeps its bit."""
+    def clear_snapshot(self) -> ClearSnapshot | None:
+        """The bits on disk that no in-flight write, sync mark or keepdirty extent needs now, or
+        None if there are none. Take it before a flush of both nodes; once that succeeded, pass
+        it to ``bitmap()`` (or ``flush_needed()``)."""
         spare = _and_not(self._diskmap, _or(self._memmap, self._lrumap))
-        return spare if _NONZERO.search(spare) else None
+        if not _NONZERO.search(spare):
+            return None
+        self._epoch += 1
+        return ClearSnapshot(self._epoch, spare)
 
     def need_sync_on_disk(self) -> bool:
         """Mark for resync every extent whose bit is on disk: the writes that finished on it may
@@ -379,13 +400,20 @@ class ActiveMap:
         older than ours."""
         return any(_test(self._syncmap, ext) for ext in self.extents_of(offset, length))
 
-    def flush_needed(self, clearable: bytes | None = None) -> bool:
-        """True if ``bitmap(clearable)`` would differ from what is known to be on disk.
+    def flush_needed(self, clears: Sequence[ClearSnapshot] = ()) -> bool:
+        """True if ``bitmap(clears)`` would differ from what is known to be on disk.
         O(mapsize)."""
-        return self._image(clearable) != self._diskmap
+        return self._image(clears) != self._diskmap
 
-    def _image(self, clearable: bytes | None) -> bytes:
-        kept = self._diskmap if clearable is None else _and_not(self._diskmap, clearable)
+    def _image(self, clears: Sequence[ClearSnapshot]) -> bytes:
+        kept = self._diskmap
+        for snap in clears:
+            # Only extents not written since the snapshot: their flush covered every write.
+            lost = bytearray(snap.bits)
+            for ext in self._set_bits(snap.bits):
+                if self._written_at.get(ext, -1) >= snap.epoch:
+                    _clear(lost, ext)
+            kept = _and_not(kept, lost)
         return _or(_or(self._memmap, self._lrumap), kept)
 
     # --- the sync walk --------------------------------------------------------------------------
@@ -493,6 +521,7 @@ class ActiveMap:
             return
         self._lru[ext] = None
         _set(self._lrumap, ext)
+        self._written_at[ext] = self._epoch  # its writes may take the inline path from now on
         touched.append(ext)
 
     def _lru_touch(self, ext: int, touched: list[int]) -> None:

@@ -34,7 +34,7 @@ from dataclasses import replace
 
 from hastpy import constants as const
 from hastpy import localio, metadata, syncdecide
-from hastpy.activemap import ActiveMap
+from hastpy.activemap import ActiveMap, ClearSnapshot
 from hastpy.combiner import Combiner
 from hastpy.config import Resource
 from hastpy.errors import HastError, ProtocolError, ProviderError
@@ -62,12 +62,17 @@ FIRST_TCP_CONNECT_TIMEOUT = 1.5
 SEND_QUEUE_MAX = 1024  # remote requests waiting for the send thread; bounds memory
 KEEPALIVES_PER_TIMEOUT = 3  # with v3 peers: a lost keepalive or two does not end the link
 NBD_MAX_BLOCK = 32 * 1024 * 1024  # largest NBD request accepted; split into maxio on the wire
-# How long the bitmap writes that only clear bits (writes that finished) wait to be coalesced.
-# Each costs a data flush on both nodes first (clear_loop), where hastd writes one at every
-# such completion to an unbuffered disk; with random writes over more extents than keepdirty
-# that would be a flush for nearly every write. A bit left set meanwhile costs at most a
-# resync of its extent after a crash (activemap.write_complete: not urgent).
-CLEAR_FLUSH_DELAY = 1.0
+# How long the bitmap writes that only clear bits wait to be coalesced (hastd writes one at
+# every finished write). A bit left set meanwhile costs at most a resync of its extent after a
+# crash (activemap.write_complete: not urgent).
+CLEAR_FLUSH_DELAY = 0.05
+# A bit is cleared only after a flush of both nodes made its extent's finished writes durable
+# (clear_loop). Clients flush on their own (a filesystem at every journal commit, ext4 every
+# 5 s), and a clear rides the next one; without one for this long, the clear loop flushes both
+# disks itself. Linux writes dirty pages back after 30 s (dirty_expire_centisecs), so by then
+# that flush costs little, where one per second cost a third of seqwrite's throughput. The
+# price: a crash resyncs the extents written in up to this long without a flush.
+FORCED_CLEAR_AFTER = 30.0
 # How often a thread waiting for the secondary's answer checks whether the worker is stopping.
 STOP_POLL = 1.0
 # Writes of at most this many bytes, arriving on several NBD connections at once (multi-conn:
@@ -329,6 +334,9 @@ class Primary:
         self.link: Link | None = None
         self._sync_wanted = threading.Event()
         self._clear_wanted = threading.Event()  # finished writes left bits to clear on disk
+        # The latest clear snapshot of a FLUSH that succeeded on both nodes, for clear_loop (it
+        # lets go of everything an earlier one would); under _am_lock.
+        self._durable_clear: ClearSnapshot | None = None
         self._stop = threading.Event()
         self._guard_wake = threading.Event()  # a reload changed the peer: guard() acts now
         self._stats_lock = threading.Lock()
@@ -462,22 +470,22 @@ class Primary:
             self._sync_failed = f"an earlier flush of the local disk failed: {why}"
 
     def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False,
-                     clearable: bytes | None = None) -> None:  # fmt: skip
+                     clears: Sequence[ClearSnapshot] = ()) -> None:  # fmt: skip
         """Write the activemap image. With ranges (offset, length): only if some of their
         extents are not on disk yet (another writer's flush may have carried them).
 
         Hazard: a write's data must not reach the disk before its extent's bit does, or a crash
         leaves a modified extent that no one resyncs. Callers pass the writes' ranges and wait.
         Hazard: a bit must not leave the disk before the data of the writes that finished on its
-        extent is durable on both nodes (clear_loop); only `clearable` bits are cleared.
+        extent is durable on both nodes (clear_loop): only what `clears` lets go is cleared.
         """
         with self._flush_lock:
             with self._am_lock:
                 if ranges is not None and all(self.am.on_disk(off, ln) for off, ln in ranges):
                     return
-                if ranges is None and not self.am.flush_needed(clearable):
+                if ranges is None and not self.am.flush_needed(clears):
                     return
-                image = self.am.bitmap(clearable)
+                image = self.am.bitmap(clears)
             self._write_bitmap(image)
             with self._am_lock:
                 self.am.flushed(image)
@@ -878,11 +886,17 @@ class Primary:
             link.submit(msg.Cmd.READ, off, ln, None, False, cb_for(off))
 
     def _flush(self, done) -> None:
-        """Durable on every connected node: local fdatasync and remote FLUSH, both answered."""
+        """Durable on every connected node: local fdatasync and remote FLUSH, both answered.
+        One that succeeded on both also lets the clear loop clear the bits that were clearable
+        when it began (clear_loop)."""
         self.count("flushes")
         link = self.link
-        state = {"left": 2 if link else 1, "err": 0}
+        state = {"left": 2 if link else 1, "err": 0, "remote_ok": False}
         lock = threading.Lock()
+        snap = None
+        if link:
+            with self._am_lock:
+                snap = self.am.clear_snapshot()
 
         def part(err, _received=False, _data=None):
             with lock:
@@ -890,8 +904,14 @@ class Primary:
                 if err and not state["err"]:
                     state["err"] = err
                 finished = state["left"] == 0
-            if finished:
-                done(state["err"], None)
+            if not finished:
+                return
+            if snap is not None and state["remote_ok"] and not state["err"]:
+                with self._am_lock:
+                    if self._durable_clear is None or snap.epoch > self._durable_clear.epoch:
+                        self._durable_clear = snap
+                self._clear_wanted.set()
+            done(state["err"], None)
 
         def local():
             try:
@@ -903,6 +923,7 @@ class Primary:
 
         def remote(err, _received, _data):
             self._remote_flush_done(link, err)
+            state["remote_ok"] = not err  # read by the last part, after the lock
             part(0)
 
         self._in_pool(local)
@@ -1183,21 +1204,34 @@ class Primary:
     # -- life cycle -----------------------------------------------------------------------------
 
     def clear_loop(self) -> None:
-        """Write the bitmap when finished writes left bits to clear: at most once per
-        CLEAR_FLUSH_DELAY, off the reply path, and only once the data of those writes is durable
-        on both nodes. Both providers may be page-cached, so a write that finished is not yet on
-        either disk: a bit cleared before a flush could outlive the data across a power loss,
-        leaving an extent that differs between the nodes with nothing marking it."""
+        """Write the bitmap that clears bits, off the reply path, at most once per
+        CLEAR_FLUSH_DELAY, and only for extents whose finished writes a flush of both nodes made
+        durable: the snapshots of successful FLUSHes (_flush), or, after FORCED_CLEAR_AFTER
+        without one, a flush of its own. Both providers may be page-cached, so a write that
+        finished is not yet on either disk: a bit cleared before a flush could outlive the data
+        across a power loss, leaving an extent that differs between the nodes with nothing
+        marking it."""
+        waiting_since = None  # since when bits have waited for a flush of both nodes
         while not self._stop.is_set():
-            self._clear_wanted.wait()
+            self._clear_wanted.wait(FORCED_CLEAR_AFTER)
             self._stop.wait(CLEAR_FLUSH_DELAY)
             self._clear_wanted.clear()
             with self._am_lock:
-                clearable = self.am.clearable()
-            if clearable is None or not self._finished_writes_durable():
-                continue
+                snap, self._durable_clear = self._durable_clear, None
+                clears = [snap] if snap else []
+                if not clears:
+                    snap = self.am.clear_snapshot()
+            if not clears:
+                if snap is None:
+                    waiting_since = None
+                    continue
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since < FORCED_CLEAR_AFTER or not self._finished_writes_durable():
+                    continue
+                clears = [snap]
             try:
-                self.flush_bitmap(user=True, clearable=clearable)
+                self.flush_bitmap(user=True, clears=clears)
+                waiting_since = None
             except OSError as exc:
                 log.error("Unable to write the activemap: %s.", exc.strerror)
 

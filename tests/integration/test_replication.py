@@ -16,7 +16,13 @@ import time
 import pytest
 
 from harness import MiB, sha, wait_for
+from hastpy import config, metadata
+from hastpy import constants as const
 from hastpy import primary as primary_mod
+from hastpy.proto import messages as msg
+from hastpy.provider import open_provider
+from hastpy.secondary import Secondary
+from hastpy.worker import Channel
 
 pytestmark = pytest.mark.integration
 
@@ -279,6 +285,50 @@ def test_writes_a_lost_secondary_may_not_have_flushed_are_resynced(make_pair):
     assert st["sync"]["synced"] >= len(exts) * extent
     c.disconnect()
     assert sha(pair.a.data()) == sha(pair.b.data())
+
+
+def test_without_a_flush_for_a_while_the_primary_flushes_both_disks_before_clearing(make_pair, monkeypatch):
+    """Bits are cleared after a flush of both nodes: a client's FLUSH, or, when none comes for
+    FORCED_CLEAR_AFTER, one of the primary's own. In this process (primary and secondary on
+    socketpairs) to shorten that wait: keepdirty 1, three extents written, no FLUSH."""
+    monkeypatch.setattr(primary_mod, "FORCED_CLEAR_AFTER", 1.0)
+    pair = make_pair(size=16 * MiB, create_args=["-k", "1"])  # not started: its configs and disks
+    ra, rb = (config.load(str(n.conf), (n.name,)).resource(n.res) for n in (pair.a, pair.b))
+    pa, pb = open_provider(ra.local), open_provider(rb.local)
+    out, out_peer = socket.socketpair()
+    inn, inn_peer = socket.socketpair()
+    chans = [socket.socketpair() for _ in range(2)]
+    sec = Secondary(rb, pb, pb.read_metadata(rb.name), out_peer, inn_peer, msg.PROTO_VERSION, const.MAXPHYS,
+                    Channel(chans[0][1]))  # fmt: skip
+    threading.Thread(target=sec.serve, daemon=True).start()
+    p = primary_mod.Primary(ra, pa, pa.read_metadata(ra.name), Channel(chans[1][1]))
+    p.link = primary_mod.Link(p, out, inn, msg.PROTO_VERSION, const.MAXPHYS, (ra.remote, ra.source))
+    p.link.start()
+    threading.Thread(target=p.clear_loop, daemon=True).start()
+    try:
+        extent = p.md.extentsize
+        answered = []
+        for ext in (0, 2, 4):
+            p.submit("write", ext * extent, 4096, os.urandom(4096), False, lambda err, _d: answered.append(err))
+        wait_for(lambda: len(answered) == 3, what="writes answered")
+        assert answered == [0, 0, 0]
+
+        def on_disk():
+            image = metadata.read_bitmap(pa.fd, p.am.mapsize)
+            return {ext for ext in range(len(image) * 8) if image[ext >> 3] >> (ext & 7) & 1}
+
+        assert on_disk() == {0, 2, 4}  # two evicted, kept until a flush of both nodes
+        assert sec.stats["flushes"] == 0
+        wait_for(lambda: on_disk() == {4}, timeout=10, what="the primary's own flush, then the clear")
+        assert sec.stats["flushes"] == 1
+    finally:
+        p._stop.set()  # noqa: SLF001 - the loop's own stop
+        p.link.close("test over")
+        for s in (out, out_peer, inn, inn_peer, *(x for c in chans for x in c)):
+            s.close()
+        p.pool.shutdown()
+        pa.close()
+        pb.close()
 
 
 def test_primary_kill9_mid_write_then_resync(make_pair):

@@ -29,11 +29,18 @@ def image_of(am: ActiveMap, exts) -> bytes:
 
 
 def flush(am: ActiveMap) -> bytes:
-    """A flush that may clear what is clearable: the primary's clear loop, once the finished
-    writes are durable on both nodes."""
-    image = am.bitmap(am.clearable())
+    """A flush that may clear what is clearable: the primary's clear loop, once a flush of both
+    nodes made the finished writes durable."""
+    image = am.bitmap(clears(am))
     am.flushed(image)
     return image
+
+
+def clears(am: ActiveMap) -> list:
+    """A clear snapshot taken now, as a list for bitmap(): as if a flush of both nodes had begun
+    and succeeded right away."""
+    snap = am.clear_snapshot()
+    return [snap] if snap else []
 
 
 def flush_ahead(am: ActiveMap) -> bytes:
@@ -194,38 +201,69 @@ def test_write_spanning_extents_flags_once_and_counts_once():
 
 
 def test_write_ahead_flushes_never_clear_a_bit():
-    """Only the clear loop clears, once the writes that finished are durable on both nodes: an
-    image for a write-ahead flush keeps every bit on disk, and clearable() says what may go."""
+    """Only the clear loop clears, once a flush of both nodes made the finished writes durable:
+    an image for a write-ahead flush keeps every bit on disk, and clear_snapshot() says what may
+    go."""
     am = make(nextents=10, keepdirty=2)
     for ext in (0, 1):
         am.write_start(ext_off(ext), 1)
         flush_ahead(am)
         am.write_complete(ext_off(ext), 1)
-    assert am.clearable() is None
+    assert am.clear_snapshot() is None
     assert am.write_start(ext_off(2), 1) is True  # needs 2, evicts 0
     assert bits(flush_ahead(am)) == {0, 1, 2}
     assert not am.flush_needed()
-    assert bits(am.clearable()) == {0}
-    assert am.flush_needed(am.clearable())
-    clearable = am.clearable()
-    am.write_start(ext_off(0), 1)  # written again before the clear: keeps its bit
-    assert bits(am.bitmap(clearable)) == {0, 1, 2}
+    snap = am.clear_snapshot()
+    assert bits(snap.bits) == {0}
+    assert am.flush_needed([snap])
+    assert bits(am.bitmap([snap])) == {1, 2}
 
 
-def test_a_clear_covers_only_what_was_clearable_when_asked():
+def test_a_snapshot_does_not_clear_an_extent_written_after_it():
+    """The snapshot's flush covers only the writes finished before it began: an extent written
+    again meanwhile keeps its bit, even once that write finished and the extent left the
+    keepdirty list again."""
     am = make(nextents=10, keepdirty=1)
-    am.write_start(0, 1)
-    flush_ahead(am)
-    am.write_complete(0, 1)
-    am.write_start(ext_off(1), 1)  # evicts 0
-    flush_ahead(am)
-    am.write_complete(ext_off(1), 1)
-    clearable = am.clearable()
-    assert bits(clearable) == {0}
-    am.write_start(ext_off(2), 1)  # evicts 1 after the durability barrier began: not cleared
-    image = am.bitmap(clearable)
+    for ext in (0, 1):  # 1 evicts 0
+        am.write_start(ext_off(ext), 1)
+        flush_ahead(am)
+        am.write_complete(ext_off(ext), 1)
+    snap = am.clear_snapshot()  # {0}; the flush of both nodes begins
+    for ext in (0, 2):  # 0 written again and evicted again by 2, before the flush ends
+        am.write_start(ext_off(ext), 1)
+        flush_ahead(am)
+        am.write_complete(ext_off(ext), 1)
+    assert bits(snap.bits) == {0}
+    image = am.bitmap([snap])
     am.flushed(image)
-    assert bits(image) == {1, 2}
+    assert bits(image) == {0, 1, 2}  # 0 kept; 1 was in no snapshot
+    later = am.clear_snapshot()
+    assert bits(later.bits) == {0, 1}
+    assert bits(am.bitmap([later])) == {2}
+
+
+def test_a_snapshot_does_not_clear_an_extent_premarked_and_written_after_it():
+    """A pre-marked extent joins the keepdirty list without a write, and its first write then
+    takes the inline path: joining the list must count as written for the snapshots taken
+    before, or that write's bit could be cleared by a flush that did not cover it."""
+    am = make(nextents=16, keepdirty=2, premark=True)
+
+    def write(ext):  # as the primary: write-ahead flushes only add bits
+        if am.write_start(ext_off(ext), 1):
+            flush_ahead(am)
+        am.write_complete(ext_off(ext), 1)
+
+    for ext in (7, 0, 2, 5):  # 7 and 0 pushed off the list, their bits still on disk
+        write(ext)
+    snap = am.clear_snapshot()
+    assert bits(snap.bits) == {0, 7}
+    write(6)  # follows 5: 7 is pre-marked, back on the list without a write
+    write(7)  # on the list and on disk: the inline path
+    for ext in (10, 12):
+        write(ext)  # 5, 6 and 7 off the list again
+    image = am.bitmap([snap])
+    assert 0 not in bits(image)  # not written since: the snapshot's flush covered it
+    assert 7 in bits(image)  # written after the snapshot: its flush does not cover it
 
 
 def test_need_sync_on_disk_marks_every_extent_whose_bit_is_on_disk():
@@ -239,7 +277,7 @@ def test_need_sync_on_disk_marks_every_extent_whose_bit_is_on_disk():
     assert am.sync_pending_extents == 3
     assert am.marked_for_sync(0, 1) and am.marked_for_sync(ext_off(2), 1)
     assert not am.marked_for_sync(ext_off(3), EXT)
-    assert am.clearable() is None  # marked extents keep their bits until synced
+    assert am.clear_snapshot() is None  # marked extents keep their bits until synced
 
 
 def test_keepdirty_lru_eviction():
@@ -346,7 +384,7 @@ def test_bits_an_in_flight_image_clears_count_as_gone():
     am.write_start(0, 1)
     flush(am)
     assert am.write_complete(0, 1) is True
-    am.bitmap(am.clearable())  # the clearing image is computed ...
+    am.bitmap(clears(am))  # the clearing image is computed ...
     # ... and before it is reported flushed a new write to extent 0 arrives: the disk may already
     # have lost the bit, so a flush is needed.
     assert am.write_start(0, 1) is True
@@ -486,7 +524,7 @@ def test_copyin_ignores_padding_bits():
     am.copyin(bytes(ondisk))
     assert am.ndirty == 1
     assert not am.flush_needed()  # a write-ahead flush keeps what the disk has ...
-    assert am.flush_needed(am.clearable())  # ... and a clearing one drops the junk
+    assert am.flush_needed(clears(am))  # ... and a clearing one drops the junk
     assert flush(am) == image_of(am, {9})
 
 
@@ -751,7 +789,7 @@ def test_premark_never_turns_an_eviction_flush_into_one_that_changes_nothing():
     ondisk = set()
     for offset, length in ((0, 1), (ext_off(1), EXT + 1), (0, 1), (ext_off(1), EXT + 1)):
         if am.write_start(offset, length):
-            image = am.bitmap(am.clearable())
+            image = am.bitmap(clears(am))
             assert bits(image) != ondisk, "flush requested but the image did not change"
             am.flushed(image)
             ondisk = bits(image)
@@ -799,6 +837,7 @@ class ActiveMapModel(RuleBasedStateMachine):
         self.chunk = None  # the last chunk handed out, until resolved
         self.skipped = set()  # extents given up on in this pass
         self.clear_owed = False  # a write-ahead flush left bits to clear
+        self.flushing = []  # (clear snapshot, extents written since it): flushes of both nodes under way
 
     # helpers
 
@@ -806,13 +845,14 @@ class ActiveMapModel(RuleBasedStateMachine):
         return {ext for off, length in self.inflight for ext in self.am.extents_of(off, length)}
 
     def flush_if(self, needed: bool, clear: bool = True) -> None:
-        """Flush if asked: clearing what clearable() offers (the primary's clear loop, once the
-        finished writes are durable on both nodes), or only adding bits (its write-ahead flush)."""
+        """Flush if asked: clearing what a clear snapshot offers (the primary's clear loop, once
+        a flush of both nodes made the finished writes durable), or only adding bits (its
+        write-ahead flush)."""
         if needed:
             wanted = self.written() | self.needsync | set(self.lru)
-            clearable = self.am.clearable() if clear else None
-            assert (bits(clearable) if clearable else set()) == (self.disk - wanted if clear else set())
-            image = self.am.bitmap(clearable)
+            snaps = clears(self.am) if clear else []
+            assert (bits(snaps[0].bits) if snaps else set()) == (self.disk - wanted if clear else set())
+            image = self.am.bitmap(snaps)
             if clear:
                 assert bits(image) != self.disk, "flush requested but the image did not change"
                 assert bits(image) == wanted
@@ -824,7 +864,7 @@ class ActiveMapModel(RuleBasedStateMachine):
     @rule()
     def clear_loop(self):
         """The primary's clear loop, woken after a write-ahead flush: clears what it may."""
-        self.flush_if(self.clear_owed and self.am.flush_needed(self.am.clearable()))
+        self.flush_if(self.clear_owed and self.am.flush_needed(clears(self.am)))
         self.clear_owed = False
 
     def draw_range(self, data):
@@ -862,10 +902,12 @@ class ActiveMapModel(RuleBasedStateMachine):
         offset, length = self.draw_range(data)
         self.start(offset, length, flush_works=False)
         self.complete(offset, length)
-        self.flush_if(self.am.flush_needed(self.am.clearable()))
+        self.flush_if(self.am.flush_needed(clears(self.am)))
 
     def start(self, offset, length, flush_works: bool, clear: bool = False) -> None:
         exts = self.am.extents_of(offset, length)
+        for _, since in self.flushing:
+            since.update(exts)
         sequential = self.premark and exts[0] - 1 in self.lru
         sets_bits = not set(exts) <= self.disk
         flag = self.am.write_start(offset, length)
@@ -986,10 +1028,32 @@ class ActiveMapModel(RuleBasedStateMachine):
 
     @rule()
     def check_image(self):
-        image = self.am.bitmap(self.am.clearable())
+        image = self.am.bitmap(clears(self.am))
         assert bits(image) == self.written() | self.needsync | set(self.lru)
         self.am.flushed(image)
         self.disk = bits(image)
+
+    @rule()
+    def begin_clear_flush(self):
+        """The clear loop (or a user's FLUSH) takes a snapshot, then flushes both nodes."""
+        snap = self.am.clear_snapshot()
+        wanted = self.written() | self.needsync | set(self.lru)
+        assert (bits(snap.bits) if snap else set()) == self.disk - wanted
+        if snap:
+            self.flushing.append((snap, set()))
+
+    @precondition(lambda self: self.flushing)
+    @rule(data=st.data())
+    def end_clear_flush(self, data):
+        """That flush succeeded: the snapshot's bits go, except on extents in use now or written
+        since it was taken (the flush does not cover those writes)."""
+        snap, since = self.flushing.pop(data.draw(st.integers(0, len(self.flushing) - 1)))
+        wanted = self.written() | self.needsync | set(self.lru)
+        image = self.am.bitmap([snap])
+        assert bits(image) == wanted | (self.disk - (bits(snap.bits) - since))
+        self.am.flushed(image)
+        self.disk = bits(image)
+        self.clear_owed = True  # what was written since waits for a later flush
 
     @rule()
     def link_lost(self):
@@ -1028,7 +1092,7 @@ class ActiveMapModel(RuleBasedStateMachine):
     @invariant()
     def every_change_was_reported(self):
         assert not self.am.flush_needed()
-        assert self.clear_owed or not self.am.flush_needed(self.am.clearable())
+        assert self.clear_owed or not self.am.flush_needed(clears(self.am))
 
     @invariant()
     def counts_match(self):
