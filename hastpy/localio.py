@@ -11,9 +11,12 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
+
+log = logging.getLogger("hastd")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -76,3 +79,32 @@ def zero_fill(fd: int, offset: int, length: int) -> None:
 
 def flush(fd: int) -> None:
     os.fdatasync(fd)
+
+
+class StickyFlush:
+    """fdatasync of one open provider that, once one has failed, fails every time after.
+
+    Linux reports a write-back error (data the page cache acknowledged and the disk then lost)
+    to one sync call only, whichever comes first: the bitmap's, a clear's, a client's FLUSH. A
+    later sync that succeeded would call durable the writes the disk lost, so once one failed
+    they all fail, and the client hears it at every FLUSH. A worker makes one per provider and
+    reports through `lost` the failures of the syncs it makes otherwise."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.failed = ""  # why the data can no longer be made durable, or ""; never cleared
+
+    def __call__(self) -> None:
+        if self.failed:
+            raise OSError(errno.EIO, self.failed)
+        try:
+            flush(self.fd)
+        except OSError as exc:
+            self.lost(exc.strerror or str(exc))
+            raise
+
+    def lost(self, why: str) -> None:
+        if not self.failed:
+            log.error("Flushing the local disk failed (%s): writes it acknowledged may be lost, and every "
+                      "later flush fails.", why)  # fmt: skip
+            self.failed = f"an earlier flush of the local disk failed: {why}"

@@ -317,9 +317,7 @@ class Primary:
         self._am_lock = threading.Lock()  # guards self.am (in-memory state only, never held over I/O)
         self._flush_lock = threading.Lock()  # serializes bitmap writes: bitmap() .. write .. flushed()
         self._dsync_writes = hasattr(os, "RWF_DSYNC")  # per-write O_DSYNC for the bitmap (Linux 4.7+)
-        # Why the provider's data can no longer be made durable (a flush failed), or "": see
-        # _sync_data. Set once, never cleared while the worker runs.
-        self._sync_failed = ""
+        self._data_sync = localio.StickyFlush(self.fd)  # every fdatasync of the provider
         self._ranges = RangeLocks()
         # _ranges_lock guards _ranges and _range_waiters. _ranges_cv, on the same lock, is waited
         # on and notified only when a range is contended: an uncontended user write takes the
@@ -362,7 +360,7 @@ class Primary:
             # Bits written with metaflush off may still be only in the page cache: durable
             # before the new promise holds (a write to an extent already marked adds no bitmap
             # write that would flush them).
-            self._sync_data()
+            self._data_sync()
         old = self.res
         reconnect = (res.remote, res.source) != (old.remote, old.source)
         self.res = res
@@ -444,30 +442,9 @@ class Primary:
         try:
             self.prov.sync()
         except ProviderError as exc:
-            self._sync_lost(str(exc))
+            self._data_sync.lost(str(exc))
             raise
         self.md = md
-
-    def _sync_data(self) -> None:
-        """fdatasync the provider; OSError if it fails, and from then on every time.
-
-        Linux reports a write-back error (data the page cache acknowledged and the disk then
-        lost) to one sync call only, whichever comes first: the bitmap's, a clear's, a user's
-        FLUSH. A later sync that succeeded would call durable writes the disk lost, so once one
-        has failed they all fail, and the client sees it on every FLUSH."""
-        if self._sync_failed:
-            raise OSError(errno.EIO, self._sync_failed)
-        try:
-            localio.flush(self.fd)
-        except OSError as exc:
-            self._sync_lost(exc.strerror or str(exc))
-            raise
-
-    def _sync_lost(self, why: str) -> None:
-        if not self._sync_failed:
-            log.error("Flushing the local disk failed (%s): writes it acknowledged may be lost, and every "
-                      "later flush fails.", why)  # fmt: skip
-            self._sync_failed = f"an earlier flush of the local disk failed: {why}"
 
     def flush_bitmap(self, ranges: Sequence[tuple[int, int]] | None = None, user: bool = False,
                      clears: Sequence[ClearSnapshot] = ()) -> None:  # fmt: skip
@@ -503,8 +480,8 @@ class Primary:
         if not self.res.metaflush:
             self._pwrite_bitmap(image)
             return
-        if self._sync_failed:
-            raise OSError(errno.EIO, self._sync_failed)
+        if self._data_sync.failed:
+            raise OSError(errno.EIO, self._data_sync.failed)
         if self._dsync_writes:
             view = memoryview(image)
             offset = metadata.BITMAP_OFFSET
@@ -515,12 +492,12 @@ class Primary:
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self._sync_lost(exc.strerror or str(exc))  # its sync may have taken a data write's error
+                    self._data_sync.lost(exc.strerror or str(exc))  # its sync may have taken a data write's error
                     raise
                 log.debug("RWF_DSYNC writes not supported here (%s): using fdatasync.", exc.strerror)
                 self._dsync_writes = False
         self._pwrite_bitmap(image)
-        self._sync_data()
+        self._data_sync()
 
     def _pwrite_bitmap(self, image: bytes) -> None:
         # metadata raises ProviderError; every caller here handles (and counts) an OSError.
@@ -711,7 +688,7 @@ class Primary:
             else:
                 localio.discard(self.fd, self.localoff + hio.offset, hio.length)
             if hio.fua:
-                self._sync_data()
+                self._data_sync()
         except OSError as exc:
             err = exc.errno or errno.EIO
             self.count("write_errors" if hio.kind == "write" else "delete_errors")
@@ -915,7 +892,7 @@ class Primary:
 
         def local():
             try:
-                self._sync_data()
+                self._data_sync()
                 part(0)
             except OSError as exc:
                 self.count("flush_errors")
@@ -935,7 +912,7 @@ class Primary:
     @staticmethod
     def _remote_flush_done(link: Link, err: int) -> None:
         """A FLUSH the secondary answered with an error: its disk lost writes it acknowledged,
-        or may have (and its next flush may succeed all the same, see _sync_data). End the
+        or may have (and its next flush may succeed all the same: localio.StickyFlush). End the
         link: on_disconnect marks every extent on disk for resync."""
         if err and err != errno.ENOTCONN:
             link.close(f"flush failed on the secondary: {os.strerror(err)}")
@@ -1187,7 +1164,7 @@ class Primary:
         after = syncdecide.counters_after_sync(syncdecide.Counters(self.md.resuid, self.md.localcnt, self.md.remotecnt), self.peer)
         try:
             if was_stale:
-                self._sync_data()  # the synced data durable before the mark goes
+                self._data_sync()  # the synced data durable before the mark goes
             if was_stale or (after.localcnt, after.remotecnt) != (self.md.localcnt, self.md.remotecnt):
                 self.write_md(localcnt=after.localcnt, remotecnt=after.remotecnt,
                               inconsistent=self.md.inconsistent and not was_stale)  # fmt: skip
@@ -1251,9 +1228,9 @@ class Primary:
 
         link.submit(msg.Cmd.FLUSH, 0, 0, None, False, remote)
         try:
-            self._sync_data()
+            self._data_sync()
         except OSError:
-            return False  # the bits stay; _sync_data said why
+            return False  # the bits stay; _data_sync said why
         while not done.wait(STOP_POLL):
             if self._stop.is_set():
                 return False

@@ -70,10 +70,9 @@ class Secondary:
         self._inflight = 0
         self._queued = 0  # requests on the pool, for `queues: local`
         self._bitmap_cleared = False
-        # Why the provider's data can no longer be made durable (a sync failed), or "". Linux
-        # reports a lost page-cache write to one sync call only: once one failed, every FLUSH
-        # fails, or a later one would tell the primary that writes the disk lost are durable.
-        self._sync_failed = ""
+        # Every fdatasync of the provider: once one failed, every FLUSH fails, or a later one
+        # would tell the primary that writes the disk lost are durable.
+        self._data_sync = localio.StickyFlush(self.fd)
         self.stats = {k: 0 for k in ("reads", "writes", "deletes", "flushes", "read_errors", "write_errors", "delete_errors", "flush_errors")}
         self.pool = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk")
         self._hold = _open_hold(os.environ.get(TEST_HOLD_ENV))
@@ -165,7 +164,7 @@ class Secondary:
             elif req.cmd == msg.Cmd.DELETE:
                 localio.discard(self.fd, self.localoff + req.offset, req.length)
             else:
-                self._sync_data()
+                self._data_sync()
         except OSError as exc:
             error = exc.errno or errno.EIO
             kind = {msg.Cmd.READ: "read", msg.Cmd.WRITE: "write", msg.Cmd.DELETE: "delete"}.get(req.cmd, "flush")
@@ -175,22 +174,6 @@ class Secondary:
             self.reply(req.seq, error, data=out, hold=hold)
         except OSError as exc:
             self._reply_failed(exc)
-
-    def _sync_data(self) -> None:
-        """fdatasync the provider; OSError if it fails, and from then on every time."""
-        if self._sync_failed:
-            raise OSError(errno.EIO, self._sync_failed)
-        try:
-            localio.flush(self.fd)
-        except OSError as exc:
-            self._sync_lost(exc.strerror or str(exc))
-            raise
-
-    def _sync_lost(self, why: str) -> None:
-        if not self._sync_failed:
-            log.error("Flushing the local disk failed (%s): writes it acknowledged may be lost, and every "
-                      "later flush fails.", why)  # fmt: skip
-            self._sync_failed = f"an earlier flush of the local disk failed: {why}"
 
     def _test_hold(self) -> None:
         while self._hold is not None and _exists_at(*self._hold):
@@ -215,7 +198,7 @@ class Secondary:
         try:
             self.prov.sync()
         except HastError as exc:
-            self._sync_lost(str(exc))
+            self._data_sync.lost(str(exc))
 
     def _sync_done(self) -> None:
         """The primary completed a synchronization: every extent it copied here was answered.
@@ -226,7 +209,7 @@ class Secondary:
         with self._inflight_cv:  # trims run on the pool
             self._inflight_cv.wait_for(lambda: self._inflight == 0)
         try:
-            self._sync_data()
+            self._data_sync()
         except OSError as exc:
             raise ProviderError(f"Unable to flush {self.prov.path}: {exc.strerror}.") from None
         self.md = replace(self.md, inconsistent=False)
