@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import os
 import random
@@ -287,12 +289,11 @@ def test_writes_a_lost_secondary_may_not_have_flushed_are_resynced(make_pair):
     assert sha(pair.a.data()) == sha(pair.b.data())
 
 
-def test_without_a_flush_for_a_while_the_primary_flushes_both_disks_before_clearing(make_pair, monkeypatch):
-    """Bits are cleared after a flush of both nodes: a client's FLUSH, or, when none comes for
-    FORCED_CLEAR_AFTER, one of the primary's own. In this process (primary and secondary on
-    socketpairs) to shorten that wait: keepdirty 1, three extents written, no FLUSH."""
-    monkeypatch.setattr(primary_mod, "FORCED_CLEAR_AFTER", 1.0)
-    pair = make_pair(size=16 * MiB, create_args=["-k", "1"])  # not started: its configs and disks
+@contextlib.contextmanager
+def in_process_pair(pair):
+    """pair's primary and secondary in this process, linked by socketpairs (not started as
+    hastd): for a test that shortens a constant or reaches into the primary. Yields
+    (primary, secondary)."""
     ra, rb = (config.load(str(n.conf), (n.name,)).resource(n.res) for n in (pair.a, pair.b))
     pa, pb = open_provider(ra.local), open_provider(rb.local)
     out, out_peer = socket.socketpair()
@@ -306,21 +307,7 @@ def test_without_a_flush_for_a_while_the_primary_flushes_both_disks_before_clear
     p.link.start()
     threading.Thread(target=p.clear_loop, daemon=True).start()
     try:
-        extent = p.md.extentsize
-        answered = []
-        for ext in (0, 2, 4):
-            p.submit("write", ext * extent, 4096, os.urandom(4096), False, lambda err, _d: answered.append(err))
-        wait_for(lambda: len(answered) == 3, what="writes answered")
-        assert answered == [0, 0, 0]
-
-        def on_disk():
-            image = metadata.read_bitmap(pa.fd, p.am.mapsize)
-            return {ext for ext in range(len(image) * 8) if image[ext >> 3] >> (ext & 7) & 1}
-
-        assert on_disk() == {0, 2, 4}  # two evicted, kept until a flush of both nodes
-        assert sec.stats["flushes"] == 0
-        wait_for(lambda: on_disk() == {4}, timeout=10, what="the primary's own flush, then the clear")
-        assert sec.stats["flushes"] == 1
+        yield p, sec
     finally:
         p._stop.set()  # noqa: SLF001 - the loop's own stop
         p.link.close("test over")
@@ -329,6 +316,54 @@ def test_without_a_flush_for_a_while_the_primary_flushes_both_disks_before_clear
         p.pool.shutdown()
         pa.close()
         pb.close()
+
+
+def _submit_and_wait(p, kind: str, offset: int, length: int, data=None) -> tuple[int, bytes | None]:
+    answers = []
+    p.submit(kind, offset, length, data, False, lambda err, out: answers.append((err, out)))
+    return wait_for(lambda: answers and answers[0], what=f"{kind} answered")
+
+
+def test_without_a_flush_for_a_while_the_primary_flushes_both_disks_before_clearing(make_pair, monkeypatch):
+    """Bits are cleared after a flush of both nodes: a client's FLUSH, or, when none comes for
+    FORCED_CLEAR_AFTER, one of the primary's own. In this process to shorten that wait:
+    keepdirty 1, three extents written, no FLUSH."""
+    monkeypatch.setattr(primary_mod, "FORCED_CLEAR_AFTER", 1.0)
+    pair = make_pair(size=16 * MiB, create_args=["-k", "1"])  # not started: its configs and disks
+    with in_process_pair(pair) as (p, sec):
+        extent = p.md.extentsize
+        for ext in (0, 2, 4):
+            assert _submit_and_wait(p, "write", ext * extent, 4096, os.urandom(4096))[0] == 0
+
+        def on_disk():
+            image = metadata.read_bitmap(p.fd, p.am.mapsize)
+            return {ext for ext in range(len(image) * 8) if image[ext >> 3] >> (ext & 7) & 1}
+
+        assert on_disk() == {0, 2, 4}  # two evicted, kept until a flush of both nodes
+        assert sec.stats["flushes"] == 0
+        wait_for(lambda: on_disk() == {4}, timeout=10, what="the primary's own flush, then the clear")
+        assert sec.stats["flushes"] == 1
+
+
+def test_a_failed_local_read_of_an_extent_marked_for_resync_is_not_served_from_the_secondary(make_pair):
+    """A local read that fails is retried on the secondary, except where the extent is marked
+    for resync: the secondary's copy there may lack acknowledged writes, and the read fails
+    instead. The primary's reads fail here because its descriptor is made write-only."""
+    pair = make_pair(size=16 * MiB)
+    with in_process_pair(pair) as (p, _sec):
+        extent = p.md.extentsize
+        data = os.urandom(4096)
+        for ext in (0, 2):
+            assert _submit_and_wait(p, "write", ext * extent, 4096, data)[0] == 0
+        with p._am_lock:  # noqa: SLF001 - as a write whose remote half failed
+            p.am.need_sync(0, 4096)
+        readable, p.fd = p.fd, os.open(pair.a.disk_of(), os.O_WRONLY)
+        try:
+            assert _submit_and_wait(p, "read", 0, 4096)[0] == errno.EBADF  # the local error
+            assert _submit_and_wait(p, "read", 2 * extent, 4096) == (0, data)
+        finally:
+            os.close(p.fd)
+            p.fd = readable
 
 
 def test_primary_kill9_mid_write_then_resync(make_pair):
