@@ -862,11 +862,12 @@ class Primary:
         for off, ln in chunks:
             link.submit(msg.Cmd.READ, off, ln, None, False, cb_for(off))
 
-    def _flush(self, done) -> None:
+    def _flush(self, done, user: bool = True) -> None:
         """Durable on every connected node: local fdatasync and remote FLUSH, both answered.
         One that succeeded on both also lets the clear loop clear the bits that were clearable
-        when it began (clear_loop)."""
-        self.count("flushes")
+        when it began (clear_loop). user: a client's, counted in the statistics."""
+        if user:
+            self.count("flushes")
         link = self.link
         state = {"left": 2 if link else 1, "err": 0, "remote_ok": False}
         lock = threading.Lock()
@@ -929,7 +930,7 @@ class Primary:
             # still have their bits on disk (clear_loop clears none before such a flush), and
             # nothing but a resync of them all is sure to bring it the writes it lost.
             self.am.need_sync_on_disk()
-            self._sync_wanted.set()
+        self._sync_wanted.set()
         self.channel.event("disconnect")
 
     def handshake(self, timeout: float, res: Resource, connect_timeout: float | None = None) -> Link:
@@ -1183,11 +1184,11 @@ class Primary:
     def clear_loop(self) -> None:
         """Write the bitmap that clears bits, off the reply path, at most once per
         CLEAR_FLUSH_DELAY, and only for extents whose finished writes a flush of both nodes made
-        durable: the snapshots of successful FLUSHes (_flush), or, after FORCED_CLEAR_AFTER
-        without one, a flush of its own. Both providers may be page-cached, so a write that
-        finished is not yet on either disk: a bit cleared before a flush could outlive the data
-        across a power loss, leaving an extent that differs between the nodes with nothing
-        marking it."""
+        durable: the snapshot of a successful FLUSH (_flush), the client's, or after
+        FORCED_CLEAR_AFTER without one, this loop's own. Both providers may be page-cached, so a
+        write that finished is not yet on either disk: a bit cleared before a flush could
+        outlive the data across a power loss, leaving an extent that differs between the nodes
+        with nothing marking it."""
         waiting_since = None  # since when bits have waited for a flush of both nodes
         while not self._stop.is_set():
             self._clear_wanted.wait(FORCED_CLEAR_AFTER)
@@ -1195,47 +1196,24 @@ class Primary:
             self._clear_wanted.clear()
             with self._am_lock:
                 snap, self._durable_clear = self._durable_clear, None
-                clears = [snap] if snap else []
-                if not clears:
-                    snap = self.am.clear_snapshot()
-            if not clears:
-                if snap is None:
+                waiting = snap is None and self.am.clear_snapshot() is not None
+            if snap is not None:
+                try:
+                    self.flush_bitmap(user=True, clears=[snap])
                     waiting_since = None
-                    continue
-                waiting_since = waiting_since or time.monotonic()
-                if time.monotonic() - waiting_since < FORCED_CLEAR_AFTER or not self._finished_writes_durable():
-                    continue
-                clears = [snap]
-            try:
-                self.flush_bitmap(user=True, clears=clears)
+                except OSError as exc:
+                    log.error("Unable to write the activemap: %s.", exc.strerror)
+                continue
+            if not waiting:
                 waiting_since = None
-            except OSError as exc:
-                log.error("Unable to write the activemap: %s.", exc.strerror)
-
-    def _finished_writes_durable(self) -> bool:
-        """Flush both disks: every write that finished before this call is durable on both
-        nodes when it returns True. False (and the bits stay) without a link, or if a flush
-        failed; a failed remote flush also ends the link, whose extents are then resynced."""
-        link = self.link
-        if link is None:
-            return False  # nothing to clear: on_disconnect marked every extent on disk for resync
-        done = threading.Event()
-        result = {}
-
-        def remote(error, _received, _data):
-            result["error"] = error
-            done.set()
-
-        link.submit(msg.Cmd.FLUSH, 0, 0, None, False, remote)
-        try:
-            self._data_sync()
-        except OSError:
-            return False  # the bits stay; _data_sync said why
-        while not done.wait(STOP_POLL):
-            if self._stop.is_set():
-                return False
-        self._remote_flush_done(link, result["error"])
-        return not result["error"]
+                continue
+            waiting_since = waiting_since or time.monotonic()
+            if time.monotonic() - waiting_since >= FORCED_CLEAR_AFTER and self.link is not None:
+                # One of our own; when it succeeds it hands its snapshot here, as a client's does.
+                flushed = threading.Event()
+                self._flush(lambda _err, _data: flushed.set(), user=False)
+                while not flushed.wait(STOP_POLL) and not self._stop.is_set():
+                    pass
 
     def start_threads(self) -> None:
         threading.Thread(target=fail_stop(self.guard), name="guard", daemon=True).start()

@@ -47,8 +47,6 @@ from hastpy.nbd.codec import (
     DEFAULT_MIN_BLOCK_SIZE,
     NBD_EIO,
     NEED_DATA,
-    SIMPLE_REPLY_HEADER,
-    SIMPLE_REPLY_MAGIC,
     Aborted,
     Command,
     ConnectionClosed,
@@ -735,7 +733,7 @@ class ExportConnection:
         """Send a request's reply, or hold it for send_held_replies(); then (once sent) free
         its window slot."""
         if not error and request.kind != Command.READ:  # most replies: a bare success header
-            buffers: list[Buffer] = [SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, request.handle)]
+            buffers: list[Buffer] = [encode_reply_header(request.handle)]
         else:
             try:
                 buffers = self._reply_buffers(request, error, data)
